@@ -1,0 +1,3 @@
+from patchd.cli import main
+
+raise SystemExit(main())
