@@ -32,9 +32,9 @@ HANDLERS: dict[str, str] = {
     "boot start": "patchd.client_commands:boot_start",
     "boot success": "patchd.client_commands:boot_success",
     "boot failure": "patchd.client_commands:boot_failure",
-    "keygen": "patchd.publish:keygen_command",
-    "pack": "patchd.publish:pack_command",
-    "publish": "patchd.publish:publish_command",
+    "keygen": "patchd.publisher_commands:keygen_command",
+    "pack": "patchd.publisher_commands:pack_command",
+    "publish": "patchd.publisher_commands:publish_command",
     "demo": "patchd.demo:demo_command",
 }
 
