@@ -5,13 +5,19 @@ Every path is walked one component at a time through directory file descriptors 
 (walking through one is refused as UnsafePath). An existing file is never opened for
 writing — it may be a hard link into the running release — so new content goes to a
 fresh temp file in the same directory, is fsynced and given its mode on the new inode,
-then renamed over the old name. Directory modes are set at the end, deepest first, so a
-read-only directory in the bundle does not stop its own files from being written.
+then renamed over the old name. Durability comes from one ``syncfs`` of the staging
+filesystem before returning (not an fsync per file and directory, which costs ~10 ms
+each on a VM disk): nothing is visible to the host until the installer renames the
+finished staging tree into place, so only the state at return must be on disk.
+Directory modes are set at the end, deepest first, so a read-only directory in the
+bundle does not stop its own files from being written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import os
 import secrets
@@ -39,6 +45,18 @@ log = structlog.get_logger("patchd.apply")
 MAX_DELTA_BASE = 64 * 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1024 * 1024
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """Flush the whole filesystem holding ``fd`` (Linux syncfs(2); os.sync elsewhere)."""
+    func = getattr(_LIBC, "syncfs", None)
+    if func is None:
+        os.sync()
+        return
+    if func(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class _Tree:
@@ -48,11 +66,10 @@ class _Tree:
         self.root = root
         self.root_fd = os.open(root, _DIR_FLAGS)
         self._parent: tuple[str, int] | None = None
-        self._dirty = False
 
     def __repr__(self) -> str:
         cached = self._parent[0] if self._parent else None
-        return f"<_Tree {str(self.root)!r} parent={cached!r} dirty={self._dirty}>"
+        return f"<_Tree {str(self.root)!r} parent={cached!r}>"
 
     def open_dir(self, rel: str) -> int:
         """A new fd of directory ``rel`` ("" is the root), refusing any symlink on the way."""
@@ -78,28 +95,21 @@ class _Tree:
         return exc
 
     def parent(self, path: str) -> tuple[int, str]:
-        """(fd of the parent directory, leaf name) of ``path``; marks the directory dirty."""
+        """(fd of the parent directory, leaf name) of ``path``."""
         rel, _, name = path.rpartition("/")
         if self._parent is None or self._parent[0] != rel:
             self.release_parent()
             self._parent = (rel, self.open_dir(rel))
-        self._dirty = True
         return self._parent[1], name
 
     def release_parent(self) -> None:
-        """fsync and close the cached parent, making its renames durable."""
         if self._parent is not None:
-            if self._dirty:
-                os.fsync(self._parent[1])
             os.close(self._parent[1])
-            self._parent, self._dirty = None, False
+            self._parent = None
 
     def close(self) -> None:
-        try:
-            self.release_parent()
-            os.fsync(self.root_fd)
-        finally:
-            os.close(self.root_fd)
+        self.release_parent()
+        os.close(self.root_fd)
 
     def lstat(self, path: str) -> os.stat_result | None:
         fd, name = self.parent(path)
@@ -149,7 +159,6 @@ def _write_file(tree: _Tree, op: FileOp | DeltaOp, payload: Payload) -> None:
                 while view:
                     view = view[os.write(fd, view):]
             os.fchmod(fd, op.mode)
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -241,6 +250,7 @@ def apply_bundle(reader: BundleReader, staging: Path) -> dict[str, str]:
             else:
                 _forget(files, modes, op.path, whole_dir=_delete(tree, op))
         _set_dir_modes(tree, modes)
+        syncfs(tree.root_fd)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"no space left applying {reader.path.name} to {staging}") from exc

@@ -100,8 +100,11 @@ class DownloadPolicy:
 
     stall_window: float = 60.0
     stall_min_bytes: int = 16 * 1024
-    queue_chunks: int = 16
-    max_batch: int = 16
+    # Network chunks are ≤ 64 KiB (httpcore's read size): at most (6 + 6) × 64 KiB =
+    # 768 KiB is received but not yet on disk, which bounds both memory and what a
+    # SIGKILL makes us fetch again (< 1 MiB, see bench/download.py).
+    queue_chunks: int = 6
+    max_batch: int = 6
     max_rate: int = 0
 
 
@@ -445,6 +448,16 @@ def remove_download_meta(dest: Path) -> None:
         meta_path(dest).unlink()
 
 
+async def _open_partial(dest: Path, offset: int, size: int) -> PartialFile:
+    """Open (and hash the prefix) shielded: a cancel here would otherwise leak the fd.
+
+    Costs at most one pass over the partial (~1 s/GiB) before a cancel is honoured.
+    """
+    with anyio.CancelScope(shield=True):
+        part = await anyio.to_thread.run_sync(PartialFile.open, dest, offset, size)
+    return part
+
+
 async def _close(part: PartialFile) -> None:
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(part.close)
@@ -537,7 +550,7 @@ async def http_download(
     """
     policy = policy or DownloadPolicy()
     limiter = limiter or RateLimiter(policy.max_rate)
-    part = await anyio.to_thread.run_sync(PartialFile.open, dest, offset, size)
+    part = await _open_partial(dest, offset, size)
     log.info("download.started", url=url, offset=part.done, size=size)
     try:
         restarts = 1
@@ -651,7 +664,7 @@ async def local_copy(
     policy = policy or DownloadPolicy(stall_window=3600.0, stall_min_bytes=1)
     if not await anyio.to_thread.run_sync(src.is_file):
         raise BundleNotFound(f"{src}: no such bundle in the local repository", status=404)
-    part = await anyio.to_thread.run_sync(PartialFile.open, dest, offset, size)
+    part = await _open_partial(dest, offset, size)
     try:
         if part.done == size and part.hexdigest() != sha256:
             await anyio.to_thread.run_sync(part.restart)

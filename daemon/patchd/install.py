@@ -131,19 +131,37 @@ def clone_tree(base: Path, dest: Path, mode: CloneMode = "auto") -> str:
 
 
 def _probe_clone_mode(base: Path, dest_dir: Path) -> CloneMode:
-    if os.stat(base).st_dev != os.stat(dest_dir).st_dev:
+    """Try the cheap methods for real on one file: equal ``st_dev`` is not enough, a
+    bind mount (systemd's ProtectSystem=strict) shares it yet refuses links (EXDEV)."""
+    sample = _first_regular_file(base)
+    if sample is None:
         return "copy"
-    sample = next((p for p in _regular_files(base)), None)
-    if sample is not None and _try_reflink(sample, dest_dir):
+    if _try_reflink(sample, dest_dir):
         return "reflink"
-    return "hardlink"
+    if _try_hardlink(sample, dest_dir):
+        return "hardlink"
+    return "copy"
 
 
-def _regular_files(root: Path) -> list[Path]:
-    for entry in os.scandir(root):
-        if entry.is_file(follow_symlinks=False):
-            return [Path(entry.path)]
-    return []
+def _first_regular_file(root: Path) -> Path | None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            if stat.S_ISREG(path.lstat().st_mode):
+                return path
+    return None
+
+
+def _try_hardlink(sample: Path, dest_dir: Path) -> bool:
+    probe = dest_dir / ".patchd-tmp-link-probe"
+    probe.unlink(missing_ok=True)
+    try:
+        os.link(sample, probe, follow_symlinks=False)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _try_reflink(sample: Path, dest_dir: Path) -> bool:
@@ -177,8 +195,13 @@ def _clone_dir(src: Path, dst: Path, mode: CloneMode) -> None:
 
 def _clone_file(src: Path, dst: Path, mode: CloneMode, perm: int) -> None:
     if mode == "hardlink":
-        os.link(src, dst, follow_symlinks=False)
-        return
+        try:
+            os.link(src, dst, follow_symlinks=False)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            mode = "copy"  # another mount, a protected file, or too many links
     with open(src, "rb") as fsrc:
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

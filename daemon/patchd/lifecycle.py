@@ -634,7 +634,7 @@ class Lifecycle:
                 continue
             if isinstance(state, Bad) or other.sort_key() < booted.sort_key():
                 self.cleanup(other)
-        self._sweep_stateless()
+        self._sweep_unprotected_trees()
         return booted
 
     def record_boot_failure(self, build: Build | None, reason: BadReason, detail: str) -> Build:
@@ -798,8 +798,10 @@ class Lifecycle:
                 continue
             fsio.remove_tree(bdir / entry)
 
-    def _sweep_stateless(self) -> None:
-        """After a boot, trees kept only because a host might run them can go."""
+    def _sweep_unprotected_trees(self) -> None:
+        """After a boot, trees kept only because a host might run them can go: those of
+        builds no longer protected that are not installed (forgotten, bad, or being
+        downloaded again after a rollback)."""
         builds_dir = self.state_dir / "builds"
         protected = self._protected()
         for rel in _listdir(builds_dir):
@@ -807,8 +809,13 @@ class Lifecycle:
                 if not _is_patch_name(patch) or not is_valid_release(rel):
                     continue
                 build = Build(rel, int(patch))
-                if build not in protected and self.state(build) is None:
+                state = self.state(build)
+                if build in protected or isinstance(state, Installed):
+                    continue
+                if state is None:
                     fsio.remove_tree(builds_dir / rel / patch)
+                else:
+                    fsio.remove_tree(builds_dir / rel / patch / TREE_DIR)
             self._remove_empty_release(rel)
 
     def _remove_empty_release(self, release: str) -> None:

@@ -184,19 +184,14 @@ class _Planner:
             return
         bpath = self.base / path
         small = max(old.size, entry.size) <= MAX_DELTA_FILE
-        if self.delta and small:
-            base_bytes, target_bytes = bpath.read_bytes(), tpath.read_bytes()
-            sha = hashlib.sha256(target_bytes).hexdigest()
-            base_sha = hashlib.sha256(base_bytes).hexdigest()
-        else:
-            base_bytes = target_bytes = b""
-            sha = _hash_file(tpath)
-            base_sha = _hash_file(bpath) if old.size == entry.size else ""
+        sha = _hash_file(tpath)
+        base_sha = _hash_file(bpath) if old.size == entry.size or (self.delta and small) else ""
         if sha == base_sha and old.mode == entry.mode:
             return
         if self.delta and small and sha != base_sha:
-            frame = _delta_frame(base_bytes, target_bytes)
-            if frame is not None:
+            target_bytes = tpath.read_bytes()
+            frame = _delta_frame(bpath.read_bytes(), target_bytes)
+            if frame is not None and hashlib.sha256(target_bytes).hexdigest() == sha:
                 name = self._payload_name()
                 self.spooled[name] = (self.spool.tell(), len(frame))
                 self.spool.write(frame)

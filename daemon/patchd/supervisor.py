@@ -99,6 +99,7 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._wake_poll = anyio.Event()
         self._wake_events = anyio.Event()
+        self._stop_watching = anyio.Event()
         self._check_running: anyio.Event | None = None
         self._check_result: CheckOutcome | None = None
         self._update_scope: anyio.CancelScope | None = None
@@ -106,6 +107,7 @@ class Daemon:
         self._update_done: anyio.Event | None = None
         self._update_error: BaseException | None = None
         self._boot_scope: anyio.CancelScope | None = None
+        self._config_signature = _file_signature(config_path) if config_path else None
         self.board.listeners.append(lambda a: self.notifier.status(self.status_line()))
 
     def __repr__(self) -> str:
@@ -153,6 +155,7 @@ class Daemon:
         await self._shutdown()
 
     async def _shutdown(self) -> None:
+        log.debug("daemon.tasks_ended")
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.source.aclose()
         self.lifecycle.close()
@@ -166,6 +169,9 @@ class Daemon:
                     continue
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 self.notifier.stopping()
+                # The file watcher blocks a worker thread; cancellation alone would wait
+                # out its timeout, the stop event ends it within one step.
+                self._stop_watching.set()
                 tg.cancel_scope.cancel()
                 return
 
@@ -428,8 +434,18 @@ class Daemon:
         def only_config(change: Any, path: str) -> bool:
             return Path(path) == target
 
+        async def catch_early_edit() -> None:
+            # The watch is set up asynchronously after READY=1; an edit made in that
+            # window would go unseen, so compare the file once the watch surely runs.
+            await anyio.sleep(1)
+            if _file_signature(target) != self._config_signature:
+                await self.reload()
+
+        assert self._tg is not None
+        self._tg.start_soon(catch_early_edit)
         async for _changes in watchfiles.awatch(parent, watch_filter=only_config,
-                                                debounce=200, step=50, recursive=False):
+                                                debounce=200, step=50, recursive=False,
+                                                stop_event=self._stop_watching):
             await self.reload()
 
     async def reload(self) -> None:
@@ -437,6 +453,7 @@ class Daemon:
         if self.config_path is None:
             return
         self.notifier.reloading()
+        self._config_signature = _file_signature(self.config_path)
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config_path)
         except ConfigError as exc:
@@ -459,6 +476,14 @@ class Daemon:
         log.info("config.reloaded", source=new.source)
         self._wake_poll.set()
         self.notifier.ready()
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 async def wait_pid_exit(pid: int) -> None:

@@ -360,17 +360,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Built once: json.loads/dumps with options build a new coder on every call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def decode_message(raw: bytes) -> Any:
     """Parse one message body (without its NUL); ValueError when it is not JSON."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return _DECODER.decode(raw.decode())
     except RecursionError as exc:  # absurdly deep nesting
         raise ValueError("JSON nested too deeply") from exc
 
 
 def encode_message(message: Mapping[str, Any]) -> bytes:
     """Serialise one message with its NUL terminator (NaN/Infinity refused)."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\0"
+    return _ENCODER.encode(message).encode() + b"\0"
 
 
 class _BadCall(InvalidParameter):
@@ -455,17 +460,25 @@ class _Connection:
 
     async def run(self) -> None:
         """Serve calls until EOF, a limit is hit, or the client breaks the protocol."""
+        handled = 0
         while True:
             # The idle timeout bounds only the wait for a request (slow handlers and
             # long streams are not idleness); a request trickled in byte by byte
-            # counts as idle, so slow-loris clients are dropped too.
-            with anyio.move_on_after(self.limits.idle_timeout) as waiting:
+            # counts as idle, so slow-loris clients are dropped too. A request already
+            # buffered needs no timer (the hot path of pipelining clients).
+            if self._buffer.find(b"\0", self._scanned) >= 0:
                 raw = await self._next_message()
-            if waiting.cancelled_caught:
-                raise _Drop("idle_timeout")
+            else:
+                with anyio.move_on_after(self.limits.idle_timeout) as waiting:
+                    raw = await self._next_message()
+                if waiting.cancelled_caught:
+                    raise _Drop("idle_timeout")
             if raw is None:
                 return
             await self._handle(raw)
+            handled += 1
+            if handled % 16 == 0:
+                await checkpoint()  # a client that always has data must not starve others
 
     async def _next_message(self) -> bytes | None:
         """The next NUL-terminated message body, or None at a clean EOF."""
@@ -599,8 +612,10 @@ class _Connection:
             log.exception("varlink.reply_not_serialisable", keys=sorted(message))
             data = encode_message({"error": self.service.internal_error, "parameters": {}})
         try:
-            with anyio.fail_after(self.limits.write_timeout):
-                await _send_all(self.sock, data)
+            sent = _send_now(self.sock, data)
+            if sent < len(data):
+                with anyio.fail_after(self.limits.write_timeout):
+                    await _send_all(self.sock, memoryview(data)[sent:])
         except TimeoutError:
             raise _Drop("write_timeout") from None
         except OSError:  # EPIPE, ECONNRESET: the client went away
@@ -626,19 +641,23 @@ async def _receive(sock: socket.socket) -> bytes:
     """Up to 64 KiB from ``sock``; b"" at EOF or when the peer reset the connection."""
     while True:
         try:
-            data = sock.recv(_READ_SIZE)
+            return sock.recv(_READ_SIZE)
         except BlockingIOError:
             await anyio.wait_readable(sock)
-            continue
         except OSError:
             return b""
-        await checkpoint()  # a client that always has data must not starve the others
-        return data
 
 
-async def _send_all(sock: socket.socket, data: bytes) -> None:
-    """Write all of ``data``, waiting while the client's receive buffer is full."""
-    view = memoryview(data)
+def _send_now(sock: socket.socket, data: bytes) -> int:
+    """Write what the kernel takes without waiting; the count written (OSError if gone)."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
+async def _send_all(sock: socket.socket, view: memoryview) -> None:
+    """Write all of ``view``, waiting while the client's receive buffer is full."""
     while view:
         try:
             sent = sock.send(view)
@@ -646,7 +665,6 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
             await anyio.wait_writable(sock)
             continue
         view = view[sent:]
-    await checkpoint()
 
 
 # --- the socket file -------------------------------------------------------------------
