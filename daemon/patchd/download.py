@@ -102,7 +102,7 @@ class DownloadPolicy:
     stall_min_bytes: int = 16 * 1024
     # Network chunks are ≤ 64 KiB (httpcore's read size): at most (6 + 6) × 64 KiB =
     # 768 KiB is received but not yet on disk, which bounds both memory and what a
-    # SIGKILL makes us fetch again (< 1 MiB, see bench/download.py).
+    # SIGKILL makes us fetch again (< 1 MiB, see bench/bench_download.py).
     queue_chunks: int = 6
     max_batch: int = 6
     max_rate: int = 0
@@ -582,10 +582,14 @@ async def http_download(
             )
         await _finish(part, sha256)
         log.info("download.complete", url=url, size=size, network=True)
-    except BundleHashMismatch:
+    except BundleHashMismatch as exc:
+        log.warning("download.failed", url=url, error=str(exc), kept=0)
         await _close(part)
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(remove_download, dest)
+        raise
+    except Exception as exc:
+        log.warning("download.failed", url=url, error=str(exc), kept=part.done)
         raise
     finally:
         await _close(part)

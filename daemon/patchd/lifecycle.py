@@ -710,11 +710,12 @@ class Lifecycle:
     def cleanup(self, build: Build) -> None:
         """State-aware retirement: a bad build keeps only its tombstone, any other build
         is forgotten entirely — but a tree the host may run (last_booted,
-        currently_booting, next_boot) stays until another build has booted."""
+        currently_booting, next_boot, or a bad build's tree kept when it failed) stays
+        until another build has booted (:meth:`record_boot_success` sweeps it)."""
         if not isinstance(self.state(build), Bad):
             self._forget(build)
-        else:
-            self._remove_files(build, keep_tree=build in self._protected())
+        else:  # a tombstone's tree, if any, was kept for a host: it goes at the next boot
+            self._remove_files(build, keep_tree=True)
 
     def forget_rolled_back(self, build: Build) -> None:
         """Server rollback: forget the build so a later roll-forward installs again, but

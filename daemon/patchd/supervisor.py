@@ -274,6 +274,7 @@ class Daemon:
             self._update_scope = None
             done.set()
             self.board.idle()
+            self._wake_events.set()  # the update queued download/install events
 
     async def _cancel_update(self) -> None:
         if self._update_scope is not None and self._update_done is not None:
