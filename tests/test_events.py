@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from support.daemon import DaemonProcess, Publisher, write_tree
 
 from patchd.errors import NetworkError, ServerError
 from patchd.events import EventQueue, send_pending
 from patchd.model import Build
+from support.daemon import DaemonProcess, Publisher, write_tree
 
 
 class Collector:
@@ -28,7 +28,7 @@ class Collector:
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with collector.cond:
                     if collector.status == 200:

@@ -11,10 +11,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from support.daemon import DaemonProcess, Publisher, state_of, write_tree
-from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
 
 from patchd.varlink import VarlinkError
+from support.daemon import DaemonProcess, Publisher, state_of, write_tree
+from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
 
 
 @dataclass

@@ -46,6 +46,9 @@ class InstallRequest:
     trust: TrustedKeys
     clone: CloneMode = "auto"
     min_free: int = 0
+    #: A bad downloaded bundle tombstones its build; a bad file an operator handed us
+    #: (``Install``) is only refused, or one corrupt USB stick would ban a good patch.
+    mark_bad_on_bad_input: bool = True
 
 
 def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
@@ -79,7 +82,10 @@ def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
         fsync_dir(final.parent)
     except BadInputError as exc:
         remove_tree(staging)
-        lifecycle.mark_bad(build, BadReason(exc.bad_reason), str(exc))
+        if req.mark_bad_on_bad_input:
+            lifecycle.mark_bad(build, BadReason(exc.bad_reason), str(exc))
+        else:
+            lifecycle.record_install_aborted(build)
         raise
     except DiskFull:
         remove_tree(staging)

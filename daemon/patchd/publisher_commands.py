@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from patchd.config import parse_duration
 from patchd.errors import UsageError
-from patchd.publish import keygen, pack_command as pack_bundle, parse_roll_back, publish, roll_back
+from patchd.publish import keygen, parse_roll_back, publish, roll_back
+from patchd.publish import pack_command as pack_bundle
 
 
 def keygen_command(args: argparse.Namespace) -> int:

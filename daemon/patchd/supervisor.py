@@ -35,7 +35,7 @@ from patchd.errors import (
 from patchd.events import EventQueue, send_pending
 from patchd.lifecycle import Lifecycle
 from patchd.logs import configure_logging
-from patchd.model import BadReason, Build, Installed, utc_now_text
+from patchd.model import Bad, BadReason, Build, Installed, release_newer, utc_now_text
 from patchd.sources import Source, open_source
 from patchd.strategy import NO_UPGRADE, Decision
 from patchd.systemd import Notifier, watchdog_interval
@@ -292,11 +292,30 @@ class Daemon:
         return self._update_build is not None
 
     async def install_local(self, path: Path) -> Build:
-        """``Install``: an operator-supplied bundle, verified like any download."""
-        from patchd.bundle import read_verified_header
+        """``Install``: an operator-supplied bundle, verified like any download.
 
-        header = await anyio.to_thread.run_sync(read_verified_header, path, self.updater.trust)
+        The header is read unverified only to learn which build it claims to be; the
+        installer then verifies the signature and app/arch before writing anything.
+        """
+        from patchd.bundle import read_header_unverified
+        from patchd.errors import BundleInvalid
+
+        header = await anyio.to_thread.run_sync(read_header_unverified, path)
         build = Build(header.release, header.patch)
+        with self.lock:
+            release = self.lifecycle.release
+            state = self.lifecycle.state(build)
+        if header.kind == "patch" and header.release != release:
+            raise BundleInvalid(f"{path} patches release {header.release}, "
+                                f"this host runs {release}")
+        if header.kind == "full" and not release_newer(header.release, release):
+            raise BundleInvalid(f"{path} is a full bundle of {header.release}, "
+                                f"not newer than the running release {release}")
+        if isinstance(state, Bad):
+            raise BundleInvalid(f"{build} is marked bad ({state.reason.value}); "
+                                "it is never installed again")
+        if isinstance(state, Installed):
+            raise BundleInvalid(f"{build} is already installed")
         self.board.set("installing", build)
         try:
             await self.updater.install_local(path, build, header.kind)

@@ -25,7 +25,7 @@ from patchd.events import EventQueue
 from patchd.install import InstallRequest, install
 from patchd.lifecycle import Action, Lifecycle
 from patchd.manifest import Manifest, verify_manifest
-from patchd.model import BadReason, Build, Bad
+from patchd.model import Bad, BadReason, Build
 from patchd.signing import TrustedKeys
 from patchd.sources import Source
 from patchd.strategy import Decision, HostView, decide, rolled_back_builds
@@ -144,14 +144,15 @@ class Updater:
 
     async def install_local(self, path: Path, build: Build, kind: str) -> None:
         """Offline install of a bundle file the operator handed us (``Install``)."""
-        await self._install(build, kind, path)
+        await self._install(build, kind, path, local=True)
 
-    async def _install(self, build: Build, kind: str, bundle: Path) -> None:
+    async def _install(self, build: Build, kind: str, bundle: Path, local: bool = False) -> None:
         self.board.set("installing", build)
         req = InstallRequest(build=build, bundle=bundle, kind=kind,  # type: ignore[arg-type]
                              app=self.config.app.name, arch=self.config.app.arch,
                              trust=self.trust, clone=self.config.install.clone,  # type: ignore[arg-type]
-                             min_free=self.config.install.min_free)
+                             min_free=self.config.install.min_free,
+                             mark_bad_on_bad_input=not local)
 
         try:
             # Each lifecycle call inside takes the lifecycle's own lock, briefly; the
