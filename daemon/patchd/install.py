@@ -73,9 +73,10 @@ def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
                 clone_tree(base, staging, req.clone)
             else:
                 staging.mkdir(mode=0o755)
+            # apply_bundle ends with syncfs() on the staging tree: the cloned entries and
+            # the written files are durable before the rename below makes them visible.
             files = apply_bundle(reader, staging)
             size = reader.header.unpacked_size
-        fsync_tree(staging)
         final = lifecycle.tree_path(build)
         remove_tree(final)  # a half-removed tree from an older attempt
         os.rename(staging, final)
@@ -232,16 +233,6 @@ def _copy_fd(src: int, dst: int) -> None:
         os.ftruncate(dst, 0)
         with os.fdopen(os.dup(src), "rb") as fin, os.fdopen(os.dup(dst), "wb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every directory of a new tree so its entries survive power loss.
-
-    Files written by the bundle were fsynced as they were written; cloned files are the
-    base's data, already durable; only the new directory entries remain.
-    """
-    for dirpath, _dirnames, _files in os.walk(root):
-        fsync_dir(Path(dirpath))
 
 
 # --- strict verification -----------------------------------------------------------------

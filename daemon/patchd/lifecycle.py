@@ -767,7 +767,7 @@ class Lifecycle:
                      new_reason=reason.value)
             return
         if build == self._os_base() and not isinstance(state, Installed):
-            log.error("lifecycle.base_not_marked", build=str(build), reason=reason.value,
+            log.warning("lifecycle.base_not_marked", build=str(build), reason=reason.value,
                       detail=detail)
             return
         self._build_dir(build).mkdir(parents=True, exist_ok=True)
