@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -66,6 +68,7 @@ STAGING_DIR = ".staging-tree"
 POINTERS_FILE = "pointers.json"
 CURRENT_LINK = "current"
 LOCK_FILE = ".lock"
+DOWNLOAD_META_SUFFIX = ".meta"
 DOWNLOAD_SUFFIX = ".patchd"
 
 #: Every place a state file, the pointers or the link is written; a failpoint fires
@@ -278,6 +281,20 @@ def _parse_time(text: str) -> datetime | None:
 # --- the store -------------------------------------------------------------------------
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run a transition under the store's lock (see ``Lifecycle.lock``)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Lifecycle, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, wrapper)
+
+
 class Lifecycle:
     """State of every build and the boot pointers of one app; see the module docstring.
 
@@ -294,6 +311,9 @@ class Lifecycle:
         self._pointers = pointers
         self._lock_fd: int | None = lock_fd
         self.on_event: EventHook | None = None
+        #: Transitions run from the event loop and from the installer's worker thread;
+        #: each takes this (reentrant) lock so read-modify-write of pointers never races.
+        self.lock = threading.RLock()
 
     # --- opening and closing ---
 
@@ -388,6 +408,8 @@ class Lifecycle:
                 fsio.remove_tree(rel_dir)
         wanted = {self.download_path(b) for b, s in self.builds()
                   if isinstance(s, Downloading | Downloaded)}
+        # The downloader keeps the origin's validators beside a partial (for If-Range).
+        wanted |= {p.with_name(p.name + DOWNLOAD_META_SUFFIX) for p in list(wanted)}
         downloads = self.cache_dir / "downloads"
         for entry in _listdir(downloads):
             if downloads / entry not in wanted:
@@ -452,6 +474,7 @@ class Lifecycle:
     def download_path(self, build: Build) -> Path:
         return self.cache_dir / "downloads" / f"{build.release}-{build.patch}{DOWNLOAD_SUFFIX}"
 
+    @_locked
     def staging_path(self, build: Build) -> Path:
         """Where the installer builds the tree before renaming it to :meth:`tree_path`.
 
@@ -462,6 +485,7 @@ class Lifecycle:
         bdir.mkdir(parents=True, exist_ok=True)
         return bdir / STAGING_DIR
 
+    @_locked
     def boot_target(self) -> tuple[Build, Path]:
         """What the host should boot now: next_boot and its tree."""
         build = self._pointers.next_boot
@@ -477,6 +501,7 @@ class Lifecycle:
 
     # --- download ---
 
+    @_locked
     def decide_start(self, build: Build, url: str, sha256: str, size: int) -> Decision:
         """Before a download: fresh, resume, verify, skip the network, or skip the build.
 
@@ -496,6 +521,7 @@ class Lifecycle:
                   offset=decision.offset)
         return decision
 
+    @_locked
     def record_download_started(self, build: Build, url: str, sha256: str, size: int) -> None:
         """Remember what is being downloaded before the first byte lands, so a restart
         can resume it; install attempts carry over when the bytes are the same."""
@@ -509,6 +535,7 @@ class Lifecycle:
         self._write_state(build, Downloading(url, sha256, size, attempts), "download_started")
         log.info("lifecycle.download_started", build=str(build), url=url, size=size)
 
+    @_locked
     def record_download_complete(self, build: Build) -> None:
         """The downloader verified the whole file: installs may now skip the network."""
         state = self.state(build)
@@ -522,6 +549,7 @@ class Lifecycle:
 
     # --- install ---
 
+    @_locked
     def record_install_started(self, build: Build) -> None:
         """Count an install attempt before it can crash the daemon (loop guard, §3.2).
 
@@ -542,6 +570,7 @@ class Lifecycle:
         self._write_state(build, replace(state, attempts=state.attempts + 1), "install_started")
         log.info("lifecycle.install_started", build=str(build), attempts=state.attempts + 1)
 
+    @_locked
     def record_install_aborted(self, build: Build) -> None:
         """A transient failure ended the install cleanly: that attempt does not count."""
         state = self.state(build)
@@ -550,6 +579,7 @@ class Lifecycle:
                               "install_aborted")
         log.info("lifecycle.install_aborted", build=str(build))
 
+    @_locked
     def record_install_complete(self, build: Build, size: int, files: dict[str, str]) -> None:
         """The tree is in place at ``builds/R/N/tree``: the build is installed and its
         download is no longer needed."""
@@ -564,6 +594,7 @@ class Lifecycle:
         fsio.remove_tree(self._build_dir(build) / STAGING_DIR)
         log.info("lifecycle.installed", build=str(build), size=size, files=len(files))
 
+    @_locked
     def promote_to_next_boot(self, build: Build) -> None:
         """Make an installed build the one the host boots next (``current`` follows).
 
@@ -585,6 +616,7 @@ class Lifecycle:
 
     # --- boot protocol ---
 
+    @_locked
     def record_boot_start(self, build: Build | None, pid: int | None,
                           pid_start: int | None) -> tuple[Build, Path]:
         """The host is about to boot: leave a breadcrumb so a crash is noticed.
@@ -613,6 +645,7 @@ class Lifecycle:
             raise NotBootTarget(current, build)
         return current
 
+    @_locked
     def record_boot_success(self, build: Build | None) -> Build:
         """The host booted: it becomes last_booted and older builds are cleaned up.
 
@@ -637,6 +670,7 @@ class Lifecycle:
         self._sweep_unprotected_trees()
         return booted
 
+    @_locked
     def record_boot_failure(self, build: Build | None, reason: BadReason, detail: str) -> Build:
         """The host failed to boot: tombstone first, then clear the breadcrumb, then
         recompute — a crash between the two writes still leaves the build bad.
@@ -651,6 +685,7 @@ class Lifecycle:
         self._remove_files(failed, keep_tree=True)
         return failed
 
+    @_locked
     def detect_boot_crash(self, is_alive: AliveCheck = process.pid_alive) -> Build | None:
         """A breadcrumb whose host is gone (or was never named) is a boot crash.
 
@@ -669,6 +704,7 @@ class Lifecycle:
 
     # --- validation, recompute, bad builds ---
 
+    @_locked
     def validate_next_boot(self, check: ValidityCheck) -> None:
         """Strict mode: re-check next_boot's tree before a boot; a problem marks it bad
         (``validation_failed``) and the fallback is checked in turn."""
@@ -685,6 +721,7 @@ class Lifecycle:
                 return
             self.mark_bad(build, BadReason.VALIDATION_FAILED, problem)
 
+    @_locked
     def recompute_next_boot(self) -> Build:
         """Keep a valid next_boot; else last_booted if installed and good; else a base."""
         chosen = choose_next_boot(self._pointers, self._bootable)
@@ -695,6 +732,7 @@ class Lifecycle:
         self._sync_current()
         return chosen
 
+    @_locked
     def mark_bad(self, build: Build, reason: BadReason, detail: str) -> None:
         """Tombstone a build so it is never downloaded, installed or booted again, then
         drop its files (except a tree the host may be running).
@@ -707,6 +745,7 @@ class Lifecycle:
         self.recompute_next_boot()
         self._remove_files(build, keep_tree=build in self._protected())
 
+    @_locked
     def cleanup(self, build: Build) -> None:
         """State-aware retirement: a bad build keeps only its tombstone, any other build
         is forgotten entirely — but a tree the host may run (last_booted,
@@ -717,6 +756,7 @@ class Lifecycle:
         else:  # a tombstone's tree, if any, was kept for a host: it goes at the next boot
             self._remove_files(build, keep_tree=True)
 
+    @_locked
     def forget_rolled_back(self, build: Build) -> None:
         """Server rollback: forget the build so a later roll-forward installs again, but
         never lift a local tombstone."""
@@ -727,6 +767,7 @@ class Lifecycle:
         if was_next:
             self._emit("rollback", build, "rolled back by the server")
 
+    @_locked
     def manual_rollback(self) -> Build:
         """Operator rollback: next_boot is marked bad (``manual``); returns the new one."""
         build = self._pointers.next_boot

@@ -84,7 +84,7 @@ class Daemon:
         self.board = ActivityBoard()
         self.lifecycle = Lifecycle.open(config.paths.state_dir, config.paths.cache_dir,
                                         config.app.release_dir)
-        self.lock: threading.RLock = getattr(self.lifecycle, "lock", threading.RLock())
+        self.lock: threading.RLock = self.lifecycle.lock
         self.client = load_client_state(config.paths.state_dir)
         self.events = EventQueue(config.paths.state_dir / "events.json", app=config.app.name,
                                  channel=config.server.channel,
