@@ -145,3 +145,25 @@ def test_parse_roll_back() -> None:
     for bad in ("1.4.0", "1.4.0:x", ":3", "1.4.0:0"):
         with pytest.raises(UsageError):
             parse_roll_back(bad)
+
+
+def test_publish_without_bundles_renews_expiry(tmp_path: Path) -> None:
+    """Publishing no bundle re-signs with a higher serial and a new expiry, nothing else."""
+    from patchd.manifest import parse_manifest
+    from patchd.signing import generate_key
+
+    key = tmp_path / "k"
+    generate_key(key)
+    repo = tmp_path / "repo"
+    with pytest.raises(UsageError, match="does not exist"):
+        publish(repo, "kiosk", "stable", [key], [], None, timedelta(days=1))
+    repo.mkdir()
+    now = datetime.now(UTC)
+    soon = (now + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (repo / "manifest.json").write_text(
+        '{"format": "patchd-manifest/1", "app": "kiosk", "channel": "stable", "serial": 4, '
+        f'"expires": "{soon}", "releases": []}}')
+    renewed = publish(repo, "kiosk", "stable", [key], [], None, timedelta(days=30))
+    assert renewed.serial == 5
+    assert renewed.expires > now + timedelta(days=29)
+    assert parse_manifest((repo / "manifest.json").read_bytes()).serial == 5

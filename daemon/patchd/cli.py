@@ -166,6 +166,12 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run":
+        # A command's stdout is its output (a tree path, a key, JSON): library logs go
+        # to stderr, and only when they matter.
+        from patchd.logs import configure_logging
+
+        configure_logging("console", "warning", stream=sys.stderr)
     try:
         return dispatch(args)
     except PatchdError as exc:
@@ -176,16 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `patchd status | head`: the reader went away; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if os.environ.get("PATCHD_DEBUG"):
             raise
         sys.stderr.write(f"patchd: internal error: {type(exc).__name__}: {exc} "
                          "(set PATCHD_DEBUG=1 for a traceback)\n")
         return 1
-    except BrokenPipeError:
-        # `patchd status | head`: the reader went away; that is not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def usage_error(message: str) -> UsageError:

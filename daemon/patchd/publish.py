@@ -165,8 +165,10 @@ def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Se
     """Add bundles to the channel directory ``repo``, bump the serial and re-sign."""
     if rollout is not None and not 0 <= rollout <= 100:
         raise UsageError(f"--rollout must be 0..100, got {rollout}")
-    if not bundles:
-        raise UsageError("name at least one bundle to publish")
+    if not bundles and not (Path(repo) / MANIFEST).exists():
+        raise UsageError(f"{Path(repo) / MANIFEST} does not exist: name a bundle to publish")
+    # No bundles: re-sign the manifest with a new serial and expiry (a renewal before
+    # the current one expires), changing nothing else.
     private = _load_keys(keys)
     now = now or datetime.now(UTC)
     repo = Path(repo)

@@ -44,6 +44,7 @@ def publish_command(args: argparse.Namespace) -> int:
         return 0
     manifest = publish(args.repo, args.app, args.channel, args.key, args.bundles, args.rollout,
                        expires)
-    print(f"{args.repo}: published {len(args.bundles)} bundle(s); serial {manifest.serial}, "
+    what = f"published {len(args.bundles)} bundle(s)" if args.bundles else "renewed"
+    print(f"{args.repo}: {what}; serial {manifest.serial}, "
           f"expires {manifest.expires:%Y-%m-%dT%H:%M:%SZ}")
     return 0

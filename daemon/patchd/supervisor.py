@@ -413,15 +413,18 @@ class Daemon:
 
     async def _watch_boot(self, build: Build, pid: int | None, scope: anyio.CancelScope) -> None:
         timeout = self.config.boot.timeout or None
+        started = _parse_utc(self.lifecycle.pointers.boot_started_at)
+        if timeout is not None and started is not None:
+            # After a daemon restart the boot has been running for a while already.
+            elapsed = (datetime.now(UTC) - started).total_seconds()
+            timeout = max(0.0, timeout - elapsed)
         with scope:
             with anyio.move_on_after(timeout) as timer:
                 if pid is not None and self.config.boot.watch_pid:
                     await wait_pid_exit(pid)
                     with self.lock:
                         crashed = self.lifecycle.detect_boot_crash()
-                    if crashed is not None:
-                        log.warning("boot.crash_detected", release=crashed.release,
-                                    patch=crashed.patch, pid=pid)
+                    if crashed is not None:  # the lifecycle logged it (boot_crash)
                         self._wake_events.set()
                     return
                 await anyio.sleep_forever()
@@ -496,6 +499,15 @@ class Daemon:
         log.info("config.reloaded", source=new.source)
         self._wake_poll.set()
         self.notifier.ready()
+
+
+def _parse_utc(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _file_signature(path: Path) -> tuple[int, int, int] | None:
