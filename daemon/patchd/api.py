@@ -84,6 +84,10 @@ def build_param(call: Call, key: str = "build", required: bool = False) -> Build
         raise InvalidParameter(key) from None
 
 
+def _optional(build: Build | None) -> dict[str, Any] | None:
+    return build.to_json() if build is not None else None
+
+
 def build_info(build: Build, state: Any) -> dict[str, Any]:
     reason = getattr(state, "reason", None)
     size = getattr(state, "size", None)
@@ -96,6 +100,8 @@ class UpdaterApi:
 
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        #: The last GetBootTarget reply and the pointers object it was computed from.
+        self._target: tuple[object, dict[str, Any]] | None = None
 
     def methods(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
@@ -109,24 +115,48 @@ class UpdaterApi:
             raise error("NotAuthorized", method=method)
         return True
 
-    async def GetStatus(self, call: Call) -> dict[str, Any]:  # noqa: N802 (varlink names)
+    async def GetStatus(self, call: Call) -> dict[str, Any]:
         d = self.d
         with d.lock:
             p = d.lifecycle.pointers
             builds = [build_info(b, s) for b, s in d.lifecycle.builds()]
-        opt = (lambda b: b.to_json() if b else None)
         return {"app": d.config.app.name, "channel": d.config.server.channel,
                 "release": p.release, "next_boot": p.next_boot.to_json(),
-                "last_booted": opt(p.last_booted), "currently_booting": opt(p.currently_booting),
+                "last_booted": _optional(p.last_booted),
+                "currently_booting": _optional(p.currently_booting),
                 "builds": builds, "activity": d.board.current.to_json(),
                 "last_check": d.last_check, "next_check": d.next_check,
                 "last_error": d.last_error}
 
-    async def GetBootTarget(self, call: Call) -> dict[str, Any]:  # noqa: N802
-        build, path = await anyio.to_thread.run_sync(self.d.boot_target)
+    async def GetBootTarget(self, call: Call) -> dict[str, Any]:
+        """The hot path of every host start (and of launchers polling it).
+
+        With no breadcrumb there is nothing to resolve and, unless ``verify = "strict"``,
+        nothing to check, so the answer is in memory: it is cached against the pointers
+        object it came from (the lifecycle replaces that object on every write). The
+        worker-thread path, which may read and write state files, is only for a boot in
+        progress, strict verification, or a lock held by another thread.
+        """
+        d = self.d
+        pointers = d.lifecycle.pointers
+        if pointers.currently_booting is None and d.config.trust.verify != "strict":
+            cached = self._target
+            if cached is not None and cached[0] is pointers:
+                return cached[1]
+            if d.lock.acquire(blocking=False):
+                try:
+                    pointers = d.lifecycle.pointers
+                    if pointers.currently_booting is None:
+                        build, path = d.lifecycle.boot_target()
+                        reply = {"build": build.to_json(), "path": str(path)}
+                        self._target = (pointers, reply)
+                        return reply
+                finally:
+                    d.lock.release()
+        build, path = await anyio.to_thread.run_sync(d.boot_target)
         return {"build": build.to_json(), "path": str(path)}
 
-    async def BootStart(self, call: Call) -> dict[str, Any]:  # noqa: N802
+    async def BootStart(self, call: Call) -> dict[str, Any]:
         build = build_param(call)
         pid = call.parameters.get("pid")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
@@ -143,7 +173,7 @@ class UpdaterApi:
         log.info("boot.started", release=booted.release, patch=booted.patch, pid=pid)
         return {"build": booted.to_json(), "path": str(path)}
 
-    async def BootSuccess(self, call: Call) -> dict[str, Any]:  # noqa: N802
+    async def BootSuccess(self, call: Call) -> dict[str, Any]:
         build = build_param(call)
         with self.d.lock:
             booted = self._booting(lambda: self.d.lifecycle.record_boot_success(build))
@@ -151,7 +181,7 @@ class UpdaterApi:
         log.info("boot.success", release=booted.release, patch=booted.patch)
         return {}
 
-    async def BootFailure(self, call: Call) -> dict[str, Any]:  # noqa: N802
+    async def BootFailure(self, call: Call) -> dict[str, Any]:
         from patchd.model import BadReason
 
         build = build_param(call)
@@ -176,7 +206,7 @@ class UpdaterApi:
         except LifecycleError as exc:
             raise error("UpdateFailed", reason=str(exc), transient=False) from None
 
-    async def CheckNow(self, call: Call) -> dict[str, Any]:  # noqa: N802
+    async def CheckNow(self, call: Call) -> dict[str, Any]:
         try:
             decision = await self.d.check_now()
         except PatchdError as exc:
@@ -185,7 +215,7 @@ class UpdaterApi:
         return {"strategy": decision.kind,
                 "build": decision.build.to_json() if decision.build else None}
 
-    async def Install(self, call: Call) -> dict[str, Any]:  # noqa: N802
+    async def Install(self, call: Call) -> dict[str, Any]:
         path = call.parameters.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise InvalidParameter("path")
@@ -202,7 +232,7 @@ class UpdaterApi:
             raise error("InvalidBundle", reason=f"{path}: {exc.strerror}") from None
         return {"build": build.to_json()}
 
-    async def Rollback(self, call: Call) -> dict[str, Any]:  # noqa: N802
+    async def Rollback(self, call: Call) -> dict[str, Any]:
         with self.d.lock:
             try:
                 build = self.d.lifecycle.manual_rollback()
@@ -211,7 +241,7 @@ class UpdaterApi:
         log.warning("rollback.manual", to=str(build))
         return {"build": build.to_json()}
 
-    async def WatchActivity(self, call: Call) -> AsyncIterator[dict[str, Any]]:  # noqa: N802
+    async def WatchActivity(self, call: Call) -> AsyncIterator[dict[str, Any]]:
         board = self.d.board
         version, activity = board.version, board.current
         yield {"activity": activity.to_json()}
@@ -228,8 +258,14 @@ async def serve_api(daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TAS
                     ) -> None:
     """Serve the daemon's socket; ``started`` once it listens."""
     api = UpdaterApi(daemon)
+    # An unexpected failure in a handler is answered with a declared error (so clients
+    # generated from the interface recognise it), not org.varlink.service's.
     service = VarlinkService(vendor="patchd", product="patchd", version=__version__,
-                             url="https://github.com/patchd/patchd", authorize=api.authorize)
+                             url="https://github.com/patchd/patchd", authorize=api.authorize,
+                             internal_error=f"{INTERFACE_NAME}.UpdateFailed",
+                             internal_error_parameters={
+                                 "reason": "internal error in patchd; see the daemon's log",
+                                 "transient": False})
     service.add_interface(INTERFACE_NAME, INTERFACE_TEXT, api.methods(),
                           requires_more=())
     cfg = daemon.config
@@ -238,7 +274,8 @@ async def serve_api(daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TAS
     if group is None:
         log.warning("api.socket_group_unusable", group=cfg.api.socket_group,
                     effect="socket keeps the daemon's group",
-                    hint="create the group and make the daemon's user a member (or run as root)")
+                    hint="create the group and make the daemon's user a member (e.g. "
+                         "SupplementaryGroups= in the unit), or run as root")
     server = VarlinkServer(service, cfg.paths.socket, mode=0o660, group=group)
     await server.serve(task_status=task_status)
 

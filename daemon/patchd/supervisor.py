@@ -393,14 +393,17 @@ class Daemon:
                 self.lifecycle.validate_next_boot(check)
             return self.lifecycle.boot_target()
 
-    def boot_started(self, build: Build, pid: int | None) -> None:
-        """Watch the booting host: its exit before BootSuccess is a crash; and the timeout."""
+    def boot_started(self, build: Build, pid: int | None, resumed: bool = False) -> None:
+        """Watch the booting host: its exit before BootSuccess is a crash; and the timeout.
+
+        ``resumed``: the boot began before this daemon started (a restart mid-boot).
+        """
         self._stop_boot_watch()
         if self._tg is None:
             return
         scope = anyio.CancelScope()
         self._boot_scope = scope
-        self._tg.start_soon(self._watch_boot, build, pid, scope)
+        self._tg.start_soon(self._watch_boot, build, pid, scope, resumed)
 
     def boot_finished(self) -> None:
         self._stop_boot_watch()
@@ -411,13 +414,15 @@ class Daemon:
             self._boot_scope.cancel()
             self._boot_scope = None
 
-    async def _watch_boot(self, build: Build, pid: int | None, scope: anyio.CancelScope) -> None:
+    async def _watch_boot(self, build: Build, pid: int | None, scope: anyio.CancelScope,
+                          resumed: bool) -> None:
         timeout = self.config.boot.timeout or None
         started = _parse_utc(self.lifecycle.pointers.boot_started_at)
-        if timeout is not None and started is not None:
-            # After a daemon restart the boot has been running for a while already.
-            elapsed = (datetime.now(UTC) - started).total_seconds()
-            timeout = max(0.0, timeout - elapsed)
+        if resumed and timeout is not None and started is not None:
+            # After a daemon restart the boot has been running for a while already;
+            # boot_started_at has whole seconds, so count one less, never fire early.
+            elapsed = (datetime.now(UTC) - started).total_seconds() - 1
+            timeout = max(0.0, timeout - max(0.0, elapsed))
         with scope:
             with anyio.move_on_after(timeout) as timer:
                 if pid is not None and self.config.boot.watch_pid:
@@ -443,7 +448,7 @@ class Daemon:
             self.lifecycle.detect_boot_crash()
             p = self.lifecycle.pointers
         if p.currently_booting is not None:
-            self.boot_started(p.currently_booting, p.boot_pid)
+            self.boot_started(p.currently_booting, p.boot_pid, resumed=True)
 
     # --- config reload -------------------------------------------------------------------
 

@@ -170,6 +170,10 @@ class SocketGroupMissing(ConfigError):
     """The group configured for the socket file does not exist on this host."""
 
 
+class SocketGroupUnusable(ConfigError):
+    """The socket's group exists but this process may not give files to it (EPERM)."""
+
+
 class _Drop(Exception):
     """Internal: end this connection now; ``reason`` is logged."""
 
@@ -267,6 +271,7 @@ class VarlinkService:
         url: str,
         authorize: Authorize | None = None,
         internal_error: str = f"{SERVICE_INTERFACE}.InternalError",
+        internal_error_parameters: Mapping[str, Any] | None = None,
     ) -> None:
         self.info: dict[str, Any] = {
             "vendor": vendor,
@@ -275,8 +280,11 @@ class VarlinkService:
             "url": url,
         }
         self.authorize = authorize
-        #: The error name sent when a handler fails unexpectedly (the failure is logged).
+        #: The error sent when a handler fails unexpectedly (the failure is logged). A
+        #: service may name one its interface declares, with the parameters it requires,
+        #: so clients generated from the description recognise it.
         self.internal_error = internal_error
+        self.internal_error_parameters: dict[str, Any] = dict(internal_error_parameters or {})
         self._interfaces: dict[str, _Interface] = {}
         self.add_interface(
             SERVICE_INTERFACE,
@@ -339,6 +347,10 @@ class VarlinkService:
         if method_name in interface.requires_more and not call.more:
             raise ExpectedMore()
         return handler
+
+    def internal_error_message(self) -> Reply:
+        """The reply sent for an unexpected failure."""
+        return {"error": self.internal_error, "parameters": dict(self.internal_error_parameters)}
 
     async def _get_info(self, call: Call) -> Reply:
         return {**self.info, "interfaces": self.interfaces}
@@ -548,7 +560,7 @@ class _Connection:
             return exc.to_message()
         except Exception:
             log.exception("varlink.handler_failed", method=call.method, peer_pid=self.peer.pid)
-            return {"error": self.service.internal_error, "parameters": {}}
+            return self.service.internal_error_message()
 
     async def _stream(self, call: Call, replies: _Stream) -> None:
         """Send a streaming handler's replies; only the first one without ``more``."""
@@ -610,7 +622,7 @@ class _Connection:
             data = encode_message(message)
         except (TypeError, ValueError):
             log.exception("varlink.reply_not_serialisable", keys=sorted(message))
-            data = encode_message({"error": self.service.internal_error, "parameters": {}})
+            data = encode_message(self.service.internal_error_message())
         try:
             sent = _send_now(self.sock, data)
             if sent < len(data):
@@ -682,6 +694,16 @@ def lookup_group(name: str | None) -> int | None:
         ) from None
 
 
+def _group_hint(path: Path, gid: int) -> str:
+    try:
+        name = grp.getgrgid(gid).gr_name
+    except KeyError:
+        name = str(gid)
+    return (f"cannot give the socket {path} to group {name!r}: this process (uid "
+            f"{os.geteuid()}) is not a member; add SupplementaryGroups={name} to the "
+            f"service unit, make its user a member of {name!r}, or run as root")
+
+
 def _check_not_live(path: Path) -> None:
     """Refuse ``path`` when something answers there; a stale socket is fine (replaced)."""
     try:
@@ -722,7 +744,10 @@ def bind_unix_socket(path: Path, mode: int, gid: int | None) -> tuple[socket.soc
             raise SocketInUse(f"cannot create the socket {path}: {exc}") from exc
         os.chmod(temp, mode)
         if gid is not None:
-            os.chown(temp, -1, gid)
+            try:
+                os.chown(temp, -1, gid)
+            except PermissionError:
+                raise SocketGroupUnusable(_group_hint(path, gid)) from None
         sock.listen(4096)
         sock.setblocking(False)
         os.rename(temp, path)

@@ -1,0 +1,443 @@
+"""io.patchd.Updater on the REAL daemon, called with the third-party ``varlink`` package
+(SPEC §4): introspection, every method, streaming, the interface's errors, and
+authorisation by the peer's uid (child processes that setuid to other users)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import varlink
+
+from support.daemon import DaemonProcess, Publisher, state_of, write_tree
+from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
+
+UPDATER = "io.patchd.Updater"
+R = "1.4.0"
+
+#: SPEC §4, copied here on purpose: the daemon must return exactly this text, and a
+#: copy independent of patchd.interface catches an accidental edit there.
+SPEC_INTERFACE = """\
+interface io.patchd.Updater
+
+type Build (release: string, patch: int)
+
+type BuildInfo (build: Build, state: string, reason: ?string, size: ?int)
+
+type Activity (phase: string, build: ?Build, done: int, total: int)
+
+method GetStatus() -> (app: string, channel: string, release: string,
+  next_boot: Build, last_booted: ?Build, currently_booting: ?Build,
+  builds: []BuildInfo, activity: Activity,
+  last_check: ?string, next_check: ?string, last_error: ?string)
+method GetBootTarget() -> (build: Build, path: string)
+method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
+method BootSuccess(build: ?Build) -> ()
+method BootFailure(build: ?Build, reason: ?string) -> ()
+method CheckNow() -> (strategy: string, build: ?Build)
+method Install(path: string) -> (build: Build)
+method Rollback() -> (build: Build)
+method WatchActivity() -> (activity: Activity)
+
+error NotAuthorized (method: string)
+error NotBootTarget (expected: Build, got: Build)
+error Busy (activity: Activity)
+error UpdateFailed (reason: string, transient: bool)
+error InvalidBundle (reason: string)
+"""
+
+
+def b(patch: int, release: str = R) -> dict[str, Any]:
+    """A Build as it travels on the wire."""
+    return {"release": release, "patch": patch}
+
+
+# --- the environment: a release, a publisher, a repository, daemons --------------------
+
+
+@dataclass
+class Env:
+    """A host (release dir), a publisher with a repository, and daemons to start."""
+
+    tmp: Path
+    release_dir: Path
+    publisher: Publisher
+    manifest_url: str
+    daemons: list[DaemonProcess] = field(default_factory=list)
+
+    def tree(self, files: dict[str, str | bytes]) -> Path:
+        """The release's tree with ``files`` changed (a patch's target)."""
+        target = self.tmp / "trees" / f"t{len(list(self.tmp.glob('trees/*')))}"
+        shutil.copytree(self.release_dir, target, symlinks=True)
+        for rel, data in files.items():
+            path = target / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(data, bytes):
+                path.write_bytes(data)
+            else:
+                path.write_text(data)
+        return target
+
+    def patch(self, number: int, extra: dict[str, str | bytes] | None = None,
+              **kw: Any) -> Path:
+        """A signed patch bundle (not published) whose app prints its number."""
+        files: dict[str, str | bytes] = {"lib/app.py": f"print('patch {number}')\n"}
+        files.update(extra or {})
+        return self.publisher.bundle(R, number, self.release_dir, self.tree(files), **kw)
+
+    def daemon(self, extra: str = "", start: bool = True,
+               prepare: Callable[[DaemonProcess], None] | None = None) -> DaemonProcess:
+        d = DaemonProcess(self.tmp / f"d{len(self.daemons)}", manifest_url=self.manifest_url,
+                          keys=[self.publisher.public], release_dir=self.release_dir,
+                          extra=extra)
+        self.daemons.append(d)
+        if prepare is not None:
+            prepare(d)
+        if start:
+            d.start()
+        return d
+
+    def close(self) -> None:
+        for d in self.daemons:
+            d.close()
+
+
+def make_env(tmp: Path, repo: Path, manifest_url: str) -> Env:
+    release = write_tree(tmp / "opt" / "kiosk",
+                         {"bin/kiosk": "#!/bin/sh\n", "lib/app.py": "print('1.4.0')\n"},
+                         version=R)
+    repo.mkdir(parents=True, exist_ok=True)
+    return Env(tmp, release, Publisher(tmp, repo), manifest_url)
+
+
+@contextmanager
+def local_env(tmp: Path) -> Iterator[Env]:
+    """A local (file://) repository: the fastest real source for most tests."""
+    repo = tmp / "repo" / "stable"
+    e = make_env(tmp, repo, f"file://{repo}/manifest.json")
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+@contextmanager
+def nginx_env(tmp: Path, nginx: NginxRepo) -> Iterator[Env]:
+    """The same over a real nginx, where ``max_download_rate`` applies."""
+    e = make_env(tmp, nginx.root / "stable", nginx.url("stable/manifest.json"))
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    with local_env(tmp_path) as e:
+        yield e
+
+
+@pytest.fixture
+def http_env(tmp_path: Path, nginx_repo: NginxRepo) -> Iterator[Env]:  # noqa: F811
+    with nginx_env(tmp_path, nginx_repo) as e:
+        yield e
+
+
+def client(d: DaemonProcess) -> varlink.Client:
+    return varlink.Client(address=f"unix:{d.socket}")
+
+
+def failure(fn: Callable[[], object]) -> dict[str, Any]:
+    """Call ``fn`` expecting a varlink error reply; the error as a dict."""
+    with pytest.raises(varlink.VarlinkError) as err:
+        fn()
+    result: dict[str, Any] = err.value.as_dict()
+    return result
+
+
+# --- introspection ----------------------------------------------------------------------
+
+
+def test_introspection_of_the_real_daemon(env: Env) -> None:
+    """GetInfo lists io.patchd.Updater; GetInterfaceDescription returns SPEC §4 verbatim."""
+    d = env.daemon()
+    with client(d) as c:
+        interfaces = c.get_interfaces()  # GetInfo; the package keeps the reply in .info
+        info = c.info
+        connection = c.open_connection()
+        try:
+            service = c.open("org.varlink.service", connection=connection)
+            description = service.GetInterfaceDescription(UPDATER)["description"]
+        finally:
+            connection.close()
+        members = list(c.get_interface(UPDATER).members)
+    assert interfaces == info["interfaces"] == ["org.varlink.service", UPDATER]
+    assert info["vendor"] == "patchd" and info["product"] == "patchd" and info["version"]
+    assert description == SPEC_INTERFACE
+    assert members[-5:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
+                            "InvalidBundle"]
+
+
+# --- every method ----------------------------------------------------------------------
+
+
+def test_every_method_through_the_varlink_package(env: Env) -> None:
+    """GetStatus, CheckNow, GetBootTarget, BootStart/Success/Failure, Install, Rollback and
+    a one-shot WatchActivity all work from a generic varlink client."""
+    d = env.daemon()
+    with client(d) as c, c.open(UPDATER) as up:
+        status = up.GetStatus()
+        assert (status["app"], status["channel"], status["release"]) == ("kiosk", "stable", R)
+        assert status["next_boot"] == b(0) and status["activity"]["phase"] == "idle"
+        assert up.GetBootTarget() == {"build": b(0), "path": str(env.release_dir)}
+
+        env.publisher.publish(env.patch(1))
+        assert up.CheckNow() == {"strategy": "patch", "build": b(1)}
+        d.wait_status(lambda s: s["activity"]["phase"] == "idle" and s["next_boot"] == b(1),
+                      "patch 1 installed")
+        target = up.GetBootTarget()
+        assert target["build"] == b(1)
+        assert (Path(target["path"]) / "lib/app.py").read_text() == "print('patch 1')\n"
+
+        assert up.BootStart(pid=os.getpid()) == target
+        assert up.GetStatus()["currently_booting"] == b(1)
+        assert up.BootSuccess() == {}
+        status = up.GetStatus()
+        # The varlink package leaves out members whose value is null.
+        assert status["last_booted"] == b(1) and "currently_booting" not in status
+        assert d.status()["currently_booting"] is None
+
+        assert up.Install(path=str(env.patch(2))) == {"build": b(2)}
+        assert up.GetStatus()["next_boot"] == b(2)
+        assert up.Rollback() == {"build": b(1)}
+        status = up.GetStatus()
+        assert status["next_boot"] == b(1)
+        assert {"build": b(2), "state": "bad", "reason": "manual"} in status["builds"]
+
+        assert up.Install(path=str(env.patch(3))) == {"build": b(3)}
+        assert up.BootStart(build=b(3))["build"] == b(3)
+        assert up.BootFailure(reason="self-test failed") == {}
+        status = up.GetStatus()
+        assert state_of(status, R, 3) == "bad" and status["next_boot"] == b(1)
+
+        assert up.WatchActivity() == {"activity": {"phase": "idle", "done": 0, "total": 0}}
+
+
+def test_watch_activity_streams_a_slow_download(http_env: Env) -> None:
+    """WatchActivity with more=true streams several replies during a rate-limited download,
+    ending at idle; Install meanwhile answers Busy with the activity."""
+    env = http_env
+    noise = random.Random(8).randbytes(1_200_000)  # incompressible: ~1.2 s at 1 MB/s
+    env.publisher.publish(env.patch(1, {"data/blob": noise}))
+    d = env.daemon('[install]\nmax_download_rate = "1MB"\n')
+    other = env.patch(5)
+    with client(d) as c, c.open(UPDATER) as watcher, c.open(UPDATER) as up:
+        stream = watcher.WatchActivity(_more=True)
+        assert next(stream)["activity"]["phase"] == "idle"
+        assert up.CheckNow() == {"strategy": "patch", "build": b(1)}
+        replies = []
+        for reply in stream:
+            replies.append(reply["activity"])
+            if len(replies) == 1:
+                busy = failure(lambda: up.Install(path=str(other)))
+            if reply["activity"]["phase"] == "idle":
+                break
+    downloading = [a for a in replies if a["phase"] == "downloading"]
+    assert len(downloading) >= 3, replies
+    assert all(a["build"] == b(1) and a["total"] > 1_000_000 for a in downloading)
+    dones = [a["done"] for a in downloading]
+    assert dones == sorted(dones) and dones[-1] > dones[0]
+    assert replies[-1] == {"phase": "idle", "done": 0, "total": 0}  # build: null left out
+    assert busy["error"] == f"{UPDATER}.Busy"
+    assert busy["parameters"]["activity"]["phase"] in ("downloading", "installing")
+    assert busy["parameters"]["activity"]["build"] == b(1)
+    assert d.status()["next_boot"] == b(1)
+
+
+# --- the interface's errors ---------------------------------------------------------------
+
+
+def tampered(bundle: Path) -> Path:
+    """A copy of ``bundle`` with one byte flipped in its second half (payload data)."""
+    data = bytearray(bundle.read_bytes())
+    data[len(data) * 3 // 4] ^= 0xFF
+    out = bundle.with_name("tampered-" + bundle.name)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_interface_errors(env: Env) -> None:
+    """NotBootTarget names expected/got; UpdateFailed for a missing manifest and a
+    refused rollback; InvalidBundle for a tampered, a foreign-signed and a missing file."""
+    d = env.daemon()
+    (env.tmp / "foreign").mkdir()
+    foreign = Publisher(env.tmp / "foreign", env.tmp / "foreign-repo")  # an untrusted key
+    foreign_bundle = foreign.bundle(R, 4, env.release_dir, env.tree({"x": "y"}))
+    with client(d) as c, c.open(UPDATER) as up:
+        up.Install(path=str(env.patch(1)))
+        wrong = failure(lambda: up.BootStart(build=b(7)))
+        assert wrong == {"error": f"{UPDATER}.NotBootTarget",
+                         "parameters": {"expected": b(1), "got": b(7)}}
+        up.BootStart(pid=os.getpid())
+        wrong = failure(lambda: up.BootSuccess(build=b(0)))
+        assert wrong["parameters"] == {"expected": b(1), "got": b(0)}
+        up.BootSuccess()
+
+        missing = failure(up.CheckNow)  # nothing published: no manifest.json
+        assert missing["error"] == f"{UPDATER}.UpdateFailed"
+        assert missing["parameters"]["transient"] is False
+        assert "manifest.json" in missing["parameters"]["reason"]
+
+        up.Rollback()  # 1 → bad; next_boot is the release itself now
+        refused = failure(up.Rollback)
+        assert refused["error"] == f"{UPDATER}.UpdateFailed"
+        assert "nothing older" in refused["parameters"]["reason"]
+
+        for bad_file in (tampered(env.patch(2)), foreign_bundle,
+                         env.tmp / "no-such.patchd"):
+            invalid = failure(lambda p=bad_file: up.Install(path=str(p)))  # type: ignore[misc]
+            assert invalid["error"] == f"{UPDATER}.InvalidBundle", invalid
+            assert invalid["parameters"]["reason"]
+        assert up.GetStatus()["next_boot"] == b(0)
+        assert "Traceback" not in d.log()
+
+
+# --- authorisation by uid -------------------------------------------------------------------
+
+# The child starts as root (the interpreter lives under /root, which other users cannot
+# read), imports what it needs, then drops to the user's uid/gid and supplementary
+# groups before it connects; it talks through the varlink package and prints one JSON
+# outcome per call.
+_AS_USER = """\
+import json, os, sys, varlink
+uid, gid, groups = json.loads(sys.argv[3])
+os.setgroups(groups)
+os.setgid(gid)
+os.setuid(uid)
+socket, calls = sys.argv[1], json.loads(sys.argv[2])
+out = []
+with varlink.Client(address="unix:" + socket) as c, c.open("io.patchd.Updater") as up:
+    for method, params in calls:
+        try:
+            out.append({"ok": getattr(up, method)(**params)})
+        except varlink.VarlinkError as exc:
+            out.append(exc.as_dict())
+print(json.dumps(out))
+"""
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="switching to another uid needs root (run as root)")
+
+
+def as_user(user: str, d: DaemonProcess, calls: list[tuple[str, dict[str, Any]]],
+            groups: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Run ``calls`` from a child process that setuid()s to ``user`` (and its group)."""
+    proc = subprocess.run([sys.executable, "-c", _AS_USER, str(d.socket), json.dumps(calls),
+                           json.dumps(credentials(user, groups))],
+                          capture_output=True, text=True, timeout=30, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    result: list[dict[str, Any]] = json.loads(proc.stdout)
+    return result
+
+
+def credentials(user: str, groups: tuple[str, ...] = ()) -> tuple[int, int, list[int]]:
+    """(uid, gid, supplementary gids) of ``user`` plus the named extra groups."""
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid, [grp.getgrnam(g).gr_gid for g in groups]
+
+
+def shared_socket(d: DaemonProcess) -> None:
+    """Let other users reach the socket: its directory 0755 (the file stays 0660)."""
+    os.chmod(d.socket.parent, 0o755)
+
+
+def denied(method: str) -> dict[str, Any]:
+    return {"error": f"{UPDATER}.NotAuthorized", "parameters": {"method": f"{UPDATER}.{method}"}}
+
+
+@needs_root
+def test_authorisation_by_peer_uid(env: Env) -> None:
+    """Reads for anyone on the socket; Boot* for boot.reporters; CheckNow/Install/Rollback
+    for api.admins; everything else is NotAuthorized naming the method."""
+    env.publisher.publish(env.patch(1))
+    d = env.daemon('[api]\nsocket_group = "nogroup"\nadmins = ["bin"]\n'
+                   '[boot]\nreporters = ["daemon"]\n', prepare=shared_socket)
+    st = os.stat(d.socket)
+    assert (st.st_mode & 0o777, st.st_gid) == (0o660, 65534)
+    bundle = env.patch(2)
+    os.chmod(bundle.parent, 0o755)
+    os.chmod(bundle, 0o644)
+
+    # nobody: in the socket's group, neither reporter nor admin.
+    nobody = as_user("nobody", d, [
+        ("GetStatus", {}), ("GetBootTarget", {}), ("WatchActivity", {}),
+        ("BootStart", {}), ("BootSuccess", {}), ("BootFailure", {}),
+        ("CheckNow", {}), ("Install", {"path": str(bundle)}), ("Rollback", {})])
+    assert nobody[0]["ok"]["next_boot"] == b(0)
+    assert nobody[1]["ok"]["build"] == b(0)
+    assert nobody[2]["ok"]["activity"]["phase"] == "idle"
+    assert nobody[3:] == [denied(m) for m in ("BootStart", "BootSuccess", "BootFailure",
+                                               "CheckNow", "Install", "Rollback")]
+
+    # daemon: a boot reporter (in the socket's group through a supplementary group).
+    reporter = as_user("daemon", d, [("BootStart", {}), ("BootSuccess", {}),
+                                     ("CheckNow", {}), ("Rollback", {})], groups=("nogroup",))
+    assert reporter[0]["ok"] == {"build": b(0), "path": str(env.release_dir)}
+    assert reporter[1] == {"ok": {}}
+    assert reporter[2:] == [denied("CheckNow"), denied("Rollback")]
+
+    # bin: an admin, not a reporter.
+    admin = as_user("bin", d, [("CheckNow", {}), ("BootStart", {})], groups=("nogroup",))
+    assert admin == [{"ok": {"strategy": "patch", "build": b(1)}}, denied("BootStart")]
+    d.wait_status(lambda s: s["next_boot"] == b(1) and s["activity"]["phase"] == "idle",
+                  "the admin's check installed patch 1")
+    admin = as_user("bin", d, [("Install", {"path": str(bundle)}), ("Rollback", {})],
+                    groups=("nogroup",))
+    # patch 2 replaced the never-booted patch 1, so rolling it back falls to the release
+    assert admin == [{"ok": {"build": b(2)}}, {"ok": {"build": b(0)}}]
+
+
+_BIND_AS_NOBODY = """\
+import json, os, sys
+from pathlib import Path
+from patchd.varlink import SocketGroupUnusable, bind_unix_socket
+uid, gid, groups = json.loads(sys.argv[2])
+os.setgroups(groups)
+os.setgid(gid)
+os.setuid(uid)
+try:
+    bind_unix_socket(Path(sys.argv[1]), 0o660, 0)
+except SocketGroupUnusable as exc:
+    print(exc)
+"""
+
+
+@needs_root
+def test_socket_group_not_allowed_is_a_clear_error(tmp_path: Path) -> None:
+    """A daemon user that may not give the socket to its group (chown EPERM) gets a
+    config error saying how to fix it, not a PermissionError traceback."""
+    sockdir = Path(tempfile.mkdtemp(prefix="pdg", dir="/tmp"))
+    try:
+        os.chmod(sockdir, 0o777)
+        proc = subprocess.run([sys.executable, "-c", _BIND_AS_NOBODY, str(sockdir / "s.sock"),
+                               json.dumps(credentials("nobody"))],
+                              capture_output=True, text=True, timeout=30, cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        assert "cannot give the socket" in proc.stdout and "group 'root'" in proc.stdout
+        assert "SupplementaryGroups=root" in proc.stdout
+        assert list(sockdir.iterdir()) == []  # the temporary socket file was removed
+    finally:
+        shutil.rmtree(sockdir)
