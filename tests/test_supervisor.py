@@ -251,7 +251,7 @@ def test_status_line_and_ready_notifications(env: Env) -> None:
     target = env.tree("big", {"lib/blob.bin": os.urandom(600_000).hex()})
     env.publisher.publish(env.publisher.bundle("1.4.0", 1, env.release_dir, target))
     d = env.daemon(extra='[install]\nmax_download_rate = "1MB"\n')
-    assert any(m.startswith("STATUS=idle") for m in d.notifications)
+    d.wait_notify("STATUS=idle; next boot 1.4.0+0")  # a datagram of its own after READY
     d.check_and_wait()
     statuses = [m for m in d.notifications if m.startswith("STATUS=downloading 1.4.0+1: ")]
     assert statuses, d.notifications
