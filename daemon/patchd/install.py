@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 from collections.abc import Mapping
@@ -23,16 +24,21 @@ from typing import Literal
 import structlog
 
 from patchd.apply import apply_bundle
-from patchd.bundle import Expected, open_bundle
-from patchd.errors import BadInputError, DiskFull
-from patchd.fsio import fsync_dir, remove_tree
+from patchd.bundle import BundleHeader, DeltaOp, DirOp, Expected, FileOp, open_bundle
+from patchd.errors import BadInputError, DiskFull, UsageError
+from patchd.fsio import TEMP_PREFIX, fsync_dir, remove_tree
 from patchd.lifecycle import Lifecycle
 from patchd.model import BadReason, Build, Installed
+from patchd.process import failpoint
 from patchd.signing import TrustedKeys
 
 log = structlog.get_logger("patchd.install")
 
 CloneMode = Literal["auto", "reflink", "hardlink", "copy"]
+
+#: Crash-campaign failpoints of the installer (see patchd.process.failpoint): around the
+#: rename of the staging tree into place.
+FAILPOINTS: tuple[str, ...] = ("install_rename.before", "install_rename.after")
 FICLONE = 0x40049409  # _IOW(0x94, 9, int): share extents copy-on-write (btrfs, xfs)
 
 
@@ -60,27 +66,40 @@ def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
     killing us ends as ``install_loop`` instead of a crash loop.
     """
     build = req.build
+    final = lifecycle.tree_path(build)
+    if final == lifecycle.release_dir:
+        # (os_release, 0) is release_dir itself: the rename below would replace it.
+        raise UsageError(f"build {build} is the release the OS installed in {final}; "
+                         "patchd never writes there, so it cannot be installed")
     lifecycle.record_install_started(build)
     staging = lifecycle.staging_path(build)
     try:
         expected = Expected(app=req.app, kind=req.kind, release=build.release,
                             patch=build.patch, arch=req.arch)
         with open_bundle(req.bundle, req.trust, expected) as reader:
-            _check_free_space(staging.parent, reader.header.unpacked_size + req.min_free)
-            remove_tree(staging)
-            if req.kind == "patch":
-                base = lifecycle.tree_path(Build(build.release, 0))
-                clone_tree(base, staging, req.clone)
+            remove_tree(staging)  # an older attempt's, if a sweep has not run since
+            base = lifecycle.tree_path(Build(build.release, 0)) if req.kind == "patch" else None
+            method = req.clone
+            if base is not None and method == "auto":
+                method = _probe_clone_mode(base, staging.parent)
+            needed = _space_needed(reader.header, base, method, staging.parent)
+            _check_free_space(staging.parent, needed + req.min_free)
+            deferred: dict[str, int] = {}
+            if base is not None:
+                _method, deferred = _clone(base, staging, method)
             else:
                 staging.mkdir(mode=0o755)
             # apply_bundle ends with syncfs() on the staging tree: the cloned entries and
             # the written files are durable before the rename below makes them visible.
             files = apply_bundle(reader, staging)
+            set_by_bundle = {op.path for op in reader.header.ops if isinstance(op, DirOp)}
+            _restore_dir_modes(staging, deferred, set_by_bundle)
             size = reader.header.unpacked_size
-        final = lifecycle.tree_path(build)
-        remove_tree(final)  # a half-removed tree from an older attempt
+        _retire_existing_tree(lifecycle, build, final)
+        failpoint("install_rename.before")
         os.rename(staging, final)
         fsync_dir(final.parent)
+        failpoint("install_rename.after")
     except BadInputError as exc:
         remove_tree(staging)
         if req.mark_bad_on_bad_input:
@@ -109,15 +128,62 @@ def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
     return installed
 
 
+def _retire_existing_tree(lifecycle: Lifecycle, build: Build, final: Path) -> None:
+    """Clear the final place without deleting files under a running app.
+
+    A tree already there is one a host may still run: a build the server rolled back
+    while it was booted, now rolled forward again. It is moved aside (open files stay
+    valid) and removed at once only when no host can be running it; otherwise the
+    next start-up sweep removes it.
+    """
+    if not os.path.lexists(final):
+        return
+    p = lifecycle.pointers
+    aside = final.with_name(f"{TEMP_PREFIX}old-tree-{secrets.token_hex(4)}")
+    os.rename(final, aside)
+    if build not in (p.last_booted, p.currently_booting):
+        remove_tree(aside)
+
+
+def _space_needed(header: BundleHeader, base: Path | None, method: CloneMode,
+                  where: Path) -> int:
+    """Bytes the install will take: ``unpacked_size``, or more when every written file
+    rounds up to whole blocks, plus the base tree itself when it must be copied."""
+    block = max(os.statvfs(where).f_frsize, 1)
+    rounded = sum(-(-op.size // block) * block for op in header.ops
+                  if isinstance(op, FileOp | DeltaOp))
+    needed = max(header.unpacked_size, rounded)
+    if base is not None and method == "copy":
+        needed += _tree_blocks(base)
+    return needed
+
+
+def _tree_blocks(root: Path) -> int:
+    """Allocated bytes of the regular files under ``root`` (what a copy will take)."""
+    total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_blocks * 512
+    return total
+
+
 def _check_free_space(where: Path, needed: int) -> None:
     st = os.statvfs(where)
     free = st.f_bavail * st.f_frsize
     if free < needed:
         raise DiskFull(f"{free} bytes free in {where}, the install needs {needed} "
-                       "(bundle's unpacked size plus install.min_free)")
+                       "(bundle's unpacked size, the base tree if it must be copied, "
+                       "plus install.min_free)")
 
 
 # --- cloning -----------------------------------------------------------------------------
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Owner rwx: staging directories keep it until the bundle is applied, so an unprivileged
+#: daemon (User=patchd) can write into a directory the release ships read-only.
+_OWNER_RWX = 0o700
 
 
 def clone_tree(base: Path, dest: Path, mode: CloneMode = "auto") -> str:
@@ -125,16 +191,32 @@ def clone_tree(base: Path, dest: Path, mode: CloneMode = "auto") -> str:
 
     ``auto`` tries reflink on the first file, then hardlink when on the same filesystem,
     else copies. Symlinks are recreated as links, never followed; other special files
-    are skipped (a release tree has no business holding devices or fifos).
+    are skipped (a release tree has no business holding devices or fifos). Directory
+    modes are exactly the base's on return.
     """
-    chosen = mode
-    if mode == "auto":
-        chosen = _probe_clone_mode(base, dest.parent)
-    dest.mkdir(mode=0o700)
-    _clone_dir(base, dest, chosen)
-    os.chmod(dest, stat.S_IMODE(base.stat().st_mode))
-    log.debug("install.cloned", base=str(base), method=chosen)
+    chosen, deferred = _clone(base, dest, mode)
+    _restore_dir_modes(dest, deferred, set())
     return chosen
+
+
+def _clone(base: Path, dest: Path, mode: CloneMode) -> tuple[CloneMode, dict[str, int]]:
+    """Clone like :func:`clone_tree` but leave owner rwx on every directory; returns the
+    method and the directories (relative path → base mode) still to be restored."""
+    chosen = _probe_clone_mode(base, dest.parent) if mode == "auto" else mode
+    deferred: dict[str, int] = {}
+    src_fd = os.open(base, _DIR_FLAGS & ~os.O_NOFOLLOW)  # release_dir itself may be a link
+    try:
+        os.mkdir(dest, _OWNER_RWX)
+        dst_fd = os.open(dest, _DIR_FLAGS)
+        try:
+            _clone_dir(src_fd, dst_fd, "", chosen, deferred)
+            _set_dir_mode(dst_fd, "", stat.S_IMODE(os.fstat(src_fd).st_mode), deferred)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    log.debug("install.cloned", base=str(base), method=chosen)
+    return chosen, deferred
 
 
 def _probe_clone_mode(base: Path, dest_dir: Path) -> CloneMode:
@@ -183,42 +265,70 @@ def _try_reflink(sample: Path, dest_dir: Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
-def _clone_dir(src: Path, dst: Path, mode: CloneMode) -> None:
-    with os.scandir(src) as entries:
-        for entry in sorted(entries, key=lambda e: e.name):
-            s, d = Path(entry.path), dst / entry.name
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(s), d)
-            elif stat.S_ISDIR(st.st_mode):
-                d.mkdir(mode=0o700)
-                _clone_dir(s, d, mode)
-                os.chmod(d, stat.S_IMODE(st.st_mode))
-            elif stat.S_ISREG(st.st_mode):
-                _clone_file(s, d, mode, stat.S_IMODE(st.st_mode))
+def _set_dir_mode(fd: int, rel: str, perm: int, deferred: dict[str, int]) -> None:
+    """Give a staging directory its base mode now, or owner rwx until the bundle is applied."""
+    if perm & _OWNER_RWX != _OWNER_RWX:
+        deferred[rel] = perm
+        perm |= _OWNER_RWX
+    if perm != _OWNER_RWX:  # created with exactly that
+        os.fchmod(fd, perm)
+
+
+def _clone_dir(src_fd: int, dst_fd: int, rel: str, mode: CloneMode,
+               deferred: dict[str, int]) -> None:
+    """Clone one directory's entries through directory fds (no path resolution, no link
+    followed); a hard link costs one syscall, without even a stat."""
+    with os.scandir(src_fd) as entries:
+        for entry in entries:
+            name = entry.name
+            if entry.is_symlink():
+                os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+            elif entry.is_dir(follow_symlinks=False):
+                _clone_subdir(src_fd, dst_fd, name, f"{rel}{name}", mode, deferred)
+            elif entry.is_file(follow_symlinks=False):
+                _clone_file(src_fd, dst_fd, name, mode)
             else:
-                log.warning("install.skipped_special_file", path=str(s))
+                log.warning("install.skipped_special_file", path=f"{rel}{name}")
 
 
-def _clone_file(src: Path, dst: Path, mode: CloneMode, perm: int) -> None:
+def _clone_subdir(src_fd: int, dst_fd: int, name: str, rel: str, mode: CloneMode,
+                  deferred: dict[str, int]) -> None:
+    os.mkdir(name, _OWNER_RWX, dir_fd=dst_fd)
+    sub_src = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
+    try:
+        sub_dst = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
+        try:
+            _clone_dir(sub_src, sub_dst, rel + "/", mode, deferred)
+            _set_dir_mode(sub_dst, rel, stat.S_IMODE(os.fstat(sub_src).st_mode), deferred)
+        finally:
+            os.close(sub_dst)
+    finally:
+        os.close(sub_src)
+
+
+def _clone_file(src_fd: int, dst_fd: int, name: str, mode: CloneMode) -> None:
     if mode == "hardlink":
         try:
-            os.link(src, dst, follow_symlinks=False)
+            os.link(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
             return
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
             mode = "copy"  # another mount, a protected file, or too many links
-    with open(src, "rb") as fsrc:
-        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fsrc = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dst_fd)
         try:
             if mode == "reflink":
-                fcntl.ioctl(fd, FICLONE, fsrc.fileno())
+                fcntl.ioctl(fd, FICLONE, fsrc)
             else:
-                _copy_fd(fsrc.fileno(), fd)
-            os.fchmod(fd, perm)
+                _copy_fd(fsrc, fd)
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fsrc).st_mode))
         finally:
             os.close(fd)
+    finally:
+        os.close(fsrc)
 
 
 def _copy_fd(src: int, dst: int) -> None:
@@ -235,23 +345,77 @@ def _copy_fd(src: int, dst: int) -> None:
             shutil.copyfileobj(fin, fout, 1 << 20)
 
 
+def _restore_dir_modes(tree: Path, deferred: Mapping[str, int], set_by_bundle: set[str]
+                       ) -> None:
+    """Give cloned directories their base modes back (deepest first), except those the
+    bundle set with a ``dir`` op or removed; each is fsynced (the rename follows)."""
+    for rel in sorted(deferred, key=lambda p: p.count("/") if p else -1, reverse=True):
+        if rel in set_by_bundle:
+            continue
+        try:
+            fd = _open_dir_nofollow(tree, rel)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # deleted or replaced by the bundle
+        try:
+            os.fchmod(fd, deferred[rel])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _open_dir_nofollow(tree: Path, rel: str) -> int:
+    """An fd of directory ``rel`` under ``tree``, refusing a symlink on the way (ELOOP
+    becomes NotADirectoryError: the bundle replaced that directory with a link)."""
+    fd = os.open(tree, _DIR_FLAGS)
+    for part in rel.split("/") if rel else []:
+        try:
+            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.ELOOP:
+                raise NotADirectoryError(exc.errno, exc.strerror, rel) from exc
+            raise
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
 # --- strict verification -----------------------------------------------------------------
 
 
 def verify_tree(tree: Path, files: Mapping[str, str]) -> str | None:
-    """Re-hash the files the bundle wrote; the first problem as text, or None when intact."""
+    """Re-hash the files the bundle wrote; the first problem as text, or None when intact.
+
+    Paths are walked without following links: a file or directory swapped for a
+    symlink is a problem even when the link's target has the right bytes.
+    """
     for rel, expected in sorted(files.items()):
-        path = tree / rel
         try:
-            st = path.lstat()
-            if not stat.S_ISREG(st.st_mode):
-                return f"{rel} is no longer a regular file"
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
+            digest = _hash_in_tree(tree, rel)
+        except NotADirectoryError:
+            return f"{rel}: a directory on its path is no longer a directory"
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{rel} is no longer a regular file (a symlink)"
             return f"{rel}: {exc.strerror}"
-        if digest.hexdigest() != expected:
-            return f"{rel} hashes to {digest.hexdigest()}, expected {expected}"
+        if digest is None:
+            return f"{rel} is no longer a regular file"
+        if digest != expected:
+            return f"{rel} hashes to {digest}, expected {expected}"
     return None
+
+
+def _hash_in_tree(tree: Path, rel: str) -> str | None:
+    parent, _, name = rel.rpartition("/")
+    dfd = _open_dir_nofollow(tree, parent)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        digest = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

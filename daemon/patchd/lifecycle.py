@@ -357,14 +357,35 @@ class Lifecycle:
 
     def _startup(self, loaded: Pointers | None) -> None:
         last_seen = (loaded.os_release or loaded.release) if loaded else None
-        if loaded is None or last_seen != self.os_release:
+        fresh = loaded is None or last_seen != self.os_release
+        if fresh:
             self._release_change(last_seen)
         elif self._pointers.os_release != self.os_release:
             self._write_pointers(replace(self._pointers, os_release=self.os_release),
                                  "open.pointers")
         self._sweep()
         self.recompute_next_boot()
+        if not fresh:  # after a reset nothing was being promoted
+            self._finish_interrupted_promotion()
         self._sync_current()
+
+    def _finish_interrupted_promotion(self) -> None:
+        """Promote an installed build the daemon died before promoting.
+
+        ``record_install_complete`` and ``promote_to_next_boot`` are two writes; a crash
+        between them leaves a good, newer installed build that nothing points at (an
+        earlier next_boot that never booted is retired by every promotion, and rolled
+        back or failed builds are no longer ``Installed``), so it is exactly that case.
+        """
+        p = self._pointers
+        newer = [b for b, s in self.builds()
+                 if isinstance(s, Installed) and self._bootable(b)
+                 and b.sort_key() > p.next_boot.sort_key()
+                 and (b.release == p.release or (b.patch == 0 and b.release != p.release))]
+        if newer:
+            build = max(newer, key=Build.sort_key)
+            log.warning("lifecycle.promotion_resumed", build=str(build))
+            self.promote_to_next_boot(build)
 
     def _release_change(self, last_seen: str | None) -> None:
         """The OS installed another release (or this is the first start): start over.

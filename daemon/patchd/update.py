@@ -118,7 +118,14 @@ class Updater:
             dest = lc.download_path(build)
         log.info("update.start", release=build.release, patch=build.patch,
                  action=start.action.value, offset=start.offset)
-        if start.action in (Action.BAD, Action.INSTALLED):
+        if start.action is Action.BAD:
+            return
+        if start.action is Action.INSTALLED:
+            with self.lock:
+                if lc.pointers.next_boot != build:
+                    # Installed but never promoted: the daemon died between the two
+                    # steps. The strategy still wants it, so finish the job.
+                    lc.promote_to_next_boot(build)
             return
         try:
             if start.action in (Action.FRESH, Action.RESUME):
