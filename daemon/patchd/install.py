@@ -16,7 +16,8 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,17 @@ from typing import Literal
 import structlog
 
 from patchd.apply import apply_bundle
-from patchd.bundle import BundleHeader, DeltaOp, DirOp, Expected, FileOp, open_bundle
+from patchd.bundle import (
+    BundleHeader,
+    BundleReader,
+    DeltaOp,
+    DirOp,
+    Expected,
+    FileOp,
+    Op,
+    Payload,
+    open_bundle,
+)
 from patchd.errors import BadInputError, DiskFull, UsageError
 from patchd.fsio import TEMP_PREFIX, fsync_dir, remove_tree
 from patchd.lifecycle import Lifecycle
@@ -57,7 +68,26 @@ class InstallRequest:
     mark_bad_on_bad_input: bool = True
 
 
-def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
+class InstallCancelled(Exception):
+    """Raised by a ``check_cancelled`` hook to stop an install between two ops."""
+
+
+class _StoppableReader:
+    """The bundle reader, with a cancellation check before each op is handed out."""
+
+    def __init__(self, reader: BundleReader, check: Callable[[], None]) -> None:
+        self._reader = reader
+        self._check = check
+        self.header = reader.header
+
+    def ops(self, read_base: Callable[[str], bytes]) -> Iterator[tuple[Op, Payload | None]]:
+        for item in self._reader.ops(read_base):
+            self._check()
+            yield item
+
+
+def install(lifecycle: Lifecycle, req: InstallRequest,
+            check_cancelled: Callable[[], None] | None = None) -> Installed:
     """Install ``req.bundle`` as ``req.build`` and make it next_boot. Blocking: run in a thread.
 
     Bad input marks the build bad (the download goes with it); a transient failure
@@ -91,7 +121,9 @@ def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
                 staging.mkdir(mode=0o755)
             # apply_bundle ends with syncfs() on the staging tree: the cloned entries and
             # the written files are durable before the rename below makes them visible.
-            files = apply_bundle(reader, staging)
+            source = reader if check_cancelled is None else \
+                _StoppableReader(reader, check_cancelled)
+            files = apply_bundle(source, staging)  # type: ignore[arg-type]
             set_by_bundle = {op.path for op in reader.header.ops if isinstance(op, DirOp)}
             _restore_dir_modes(staging, deferred, set_by_bundle)
             size = reader.header.unpacked_size
@@ -119,6 +151,10 @@ def install(lifecycle: Lifecycle, req: InstallRequest) -> Installed:
         raise
     except BaseException:
         remove_tree(staging)
+        # A stop request (SIGTERM) ends the install cleanly: not an attempt that failed.
+        if not isinstance(sys.exc_info()[1], Exception) or \
+                isinstance(sys.exc_info()[1], InstallCancelled):
+            lifecycle.record_install_aborted(build)
         raise
     installed = Installed(size=size, files=dict(files))
     lifecycle.record_install_complete(build, size, dict(files))

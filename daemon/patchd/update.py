@@ -164,7 +164,9 @@ class Updater:
         try:
             # Each lifecycle call inside takes the lifecycle's own lock, briefly; the
             # long part (cloning, writing) holds none, so the socket stays responsive.
-            await anyio.to_thread.run_sync(install, self.lifecycle, req)
+            # check_cancelled lets SIGTERM stop the install between two ops.
+            await anyio.to_thread.run_sync(install, self.lifecycle, req,
+                                           anyio.from_thread.check_cancelled)
         except BadInputError as exc:
             self.events.add("install_failure", build, str(exc))
             raise
