@@ -80,6 +80,9 @@ class _StoppableReader:
         self._check = check
         self.header = reader.header
 
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._reader, name)
+
     def ops(self, read_base: Callable[[str], bytes]) -> Iterator[tuple[Op, Payload | None]]:
         for item in self._reader.ops(read_base):
             self._check()
