@@ -21,8 +21,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# bench/ holds sibling scripts (bench/socket.py, now bench_socket.py) that would shadow the stdlib when this
-# file runs as a script: take its directory off the import path before anything else.
+# A sibling script named like a stdlib module would shadow it when this file runs as a
+# script: take bench/ off the import path before anything else.
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
@@ -217,6 +217,14 @@ def main() -> int:
           f"partial {offset})")
     print(f"re-fetched           {refetched / 1024:8.1f} KiB  target < 1024  "
           f"{'OK' if refetched < MiB else 'MISS'}")
+    sys.path.append(str(HERE))  # appended: never shadows the stdlib
+    from common import emit  # RESULT lines for bench/run
+
+    emit("download.throughput", ours_mbs, "MiB/s", ">= 0.8x baseline", ratio >= 0.8,
+         baseline=base_mbs, ratio=ratio)
+    emit("download.peak_rss", rss_mib, "MiB", "< 64 MiB", rss_mib < 64)
+    emit("download.refetched_after_kill", refetched / 1024, "KiB", "< 1024 KiB",
+         refetched < MiB)
     return 0
 
 

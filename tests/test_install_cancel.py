@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.install_child import leftovers, listing_digest, make_env, stage_download
 
 from patchd.install import InstallCancelled, install
 from patchd.model import Build, Downloaded, Installed
+from support.install_child import leftovers, listing_digest, make_env, stage_download
 
 B1 = Build("1.0", 1)
 
