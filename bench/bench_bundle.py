@@ -176,6 +176,15 @@ def main() -> None:
              f"budget {RSS_BUDGET / 2**20:.0f} MiB", f"{rss_apply / RSS_BUDGET:.2f}x")
         ok = max(rss, rss_apply) < RSS_BUDGET
         print("RSS budget:", "met" if ok else "EXCEEDED")
+        sys.path.append(_HERE)
+        from common import emit  # RESULT lines for bench/run
+
+        emit("patch_bundle_size", s_delta / 1024, "KiB", "< no-delta size",
+             s_delta < s_plain, s_plain / 1024, s_delta / s_plain)
+        emit("read_verify", mib / t_read, "MiB/s", ">= 1.0x zstd|tar -x",
+             t_tar / t_read >= 1.0, mib / t_tar, t_tar / t_read)
+        emit("reader_rss", max(rss, rss_apply) / 2**20, "MiB", "< 64 MiB", ok,
+             RSS_BUDGET / 2**20, max(rss, rss_apply) / RSS_BUDGET)
         if not ok:
             raise SystemExit(1)
     finally:

@@ -159,7 +159,8 @@ class UpdaterApi:
     async def BootStart(self, call: Call) -> dict[str, Any]:
         build = build_param(call)
         pid = call.parameters.get("pid")
-        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+        if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)
+                                or not 0 < pid <= process.PID_MAX):
             raise InvalidParameter("pid")
         pid_start = process.pid_start_time(pid) if pid is not None else None
         await anyio.to_thread.run_sync(self.d.boot_target)  # stale breadcrumb, strict check

@@ -44,7 +44,7 @@ import hashlib
 import os
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -497,6 +497,49 @@ def http_errors(url: str) -> Iterator[None]:
         raise NetworkError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
+@contextlib.asynccontextmanager
+async def open_response(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], policy: DownloadPolicy,
+) -> AsyncIterator[httpx.Response]:
+    """``client.stream("GET", ...)`` whose response head must arrive within one stall
+    window: httpx's read timeout is per read, so a server trickling header lines one
+    byte per second would otherwise hold us until h11's 64 KiB head limit."""
+    async with contextlib.AsyncExitStack() as stack:
+        with anyio.move_on_after(policy.stall_window) as scope:
+            resp = await stack.enter_async_context(client.stream("GET", url, headers=headers))
+        if scope.cancelled_caught:
+            raise DownloadStalled(f"{url}: no complete response head within "
+                                  f"{policy.stall_window:g}s; stalled")
+        yield resp
+
+
+class StallDeadline:
+    """The stall rule for a read with no writer behind it (manifests, signatures): a
+    cancel scope whose deadline moves one window ahead each time ``stall_min_bytes``
+    more have arrived, so the request, the head and the body share one rule."""
+
+    def __init__(self, policy: DownloadPolicy) -> None:
+        self.window = policy.stall_window
+        self.need = policy.stall_min_bytes
+        self.scope = anyio.CancelScope(deadline=anyio.current_time() + self.window)
+        self._pending = 0
+
+    def __repr__(self) -> str:
+        return f"StallDeadline(window={self.window}, need={self.need})"
+
+    def received(self, n: int) -> None:
+        self._pending += n
+        if self._pending >= self.need:
+            self._pending = 0
+            self.scope.deadline = anyio.current_time() + self.window
+
+    def check(self, url: str) -> None:
+        """Raise :class:`DownloadStalled` if the scope ran out (call after leaving it)."""
+        if self.scope.cancelled_caught:
+            raise DownloadStalled(f"{url}: fewer than {self.need} bytes in "
+                                  f"{self.window:g}s (stall threshold); stopped reading")
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -609,7 +652,7 @@ async def _http_attempt(
         if validator:
             headers["If-Range"] = validator
     with http_errors(url):
-        async with client.stream("GET", url, headers=headers) as resp:
+        async with open_response(client, url, headers, policy) as resp:
             status = resp.status_code
             if status == 416 and ranged:
                 log.warning("download.range_refused", url=url, offset=part.done)

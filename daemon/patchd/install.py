@@ -37,8 +37,8 @@ from patchd.bundle import (
     open_bundle,
 )
 from patchd.errors import BadInputError, DiskFull, UsageError
-from patchd.fsio import TEMP_PREFIX, fsync_dir, remove_tree
-from patchd.lifecycle import Lifecycle
+from patchd.fsio import fsync_dir, remove_tree
+from patchd.lifecycle import OLD_TREE_PREFIX, Lifecycle
 from patchd.model import BadReason, Build, Installed
 from patchd.process import failpoint
 from patchd.signing import TrustedKeys
@@ -178,7 +178,7 @@ def _retire_existing_tree(lifecycle: Lifecycle, build: Build, final: Path) -> No
     if not os.path.lexists(final):
         return
     p = lifecycle.pointers
-    aside = final.with_name(f"{TEMP_PREFIX}old-tree-{secrets.token_hex(4)}")
+    aside = final.with_name(f"{OLD_TREE_PREFIX}{secrets.token_hex(4)}")
     os.rename(final, aside)
     if build not in (p.last_booted, p.currently_booting):
         remove_tree(aside)

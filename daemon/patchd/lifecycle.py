@@ -65,6 +65,8 @@ MAX_INSTALL_ATTEMPTS = 5
 STATE_FILE = "state.json"
 TREE_DIR = "tree"
 STAGING_DIR = ".staging-tree"
+#: A build's tree moved aside by a reinstall while a host may still run it.
+OLD_TREE_PREFIX = fsio.TEMP_PREFIX + "old-tree-"
 POINTERS_FILE = "pointers.json"
 CURRENT_LINK = "current"
 LOCK_FILE = ".lock"
@@ -864,13 +866,17 @@ class Lifecycle:
     def _sweep_unprotected_trees(self) -> None:
         """After a boot, trees kept only because a host might run them can go: those of
         builds no longer protected that are not installed (forgotten, bad, or being
-        downloaded again after a rollback)."""
+        downloaded again after a rollback), and old trees a reinstall moved aside (the
+        host has just booted the tree that replaced them)."""
         builds_dir = self.state_dir / "builds"
         protected = self._protected()
         for rel in _listdir(builds_dir):
             for patch in _listdir(builds_dir / rel):
                 if not _is_patch_name(patch) or not is_valid_release(rel):
                     continue
+                for entry in _listdir(builds_dir / rel / patch):
+                    if entry.startswith(OLD_TREE_PREFIX):
+                        fsio.remove_tree(builds_dir / rel / patch / entry)
                 build = Build(rel, int(patch))
                 state = self.state(build)
                 if build in protected or isinstance(state, Installed):

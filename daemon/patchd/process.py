@@ -16,6 +16,10 @@ import os
 #: Exit status of a process stopped by a failpoint, so tests can tell it from a bug.
 FAILPOINT_EXIT = 86
 
+#: Largest pid Linux can hand out (``PID_MAX_LIMIT`` on 64-bit kernels, 2**22); a bigger
+#: number in a request is an error, not a process to watch.
+PID_MAX = 4_194_304
+
 # Read once: a failpoint is chosen when the process starts, never changed while it runs.
 _ARMED = os.environ.get("PATCHD_FAILPOINT") or None
 

@@ -27,6 +27,7 @@ from patchd.download import (
     DownloadPolicy,
     Progress,
     RateLimiter,
+    StallDeadline,
     http_download,
     http_errors,
     local_copy,
@@ -154,7 +155,11 @@ class HttpSource(Source):
     async def _get_document(
         self, url: str, headers: dict[str, str]
     ) -> tuple[bytes, dict[str, str]] | None:
-        with http_errors(url):
+        # The download stall rule holds from the request on: a manifest trickled just
+        # under httpx's per-read timeout would otherwise hold every check for hours.
+        stall = StallDeadline(self.policy)
+        result: tuple[bytes, dict[str, str]] | None = None
+        with http_errors(url), stall.scope:
             async with self.client.stream("GET", url, headers=headers) as resp:
                 if resp.status_code == 304 and headers:
                     return None
@@ -168,6 +173,7 @@ class HttpSource(Source):
                 # Bytes on the wire, like bundles: the signature decides.
                 async for chunk in resp.aiter_raw():
                     body += chunk
+                    stall.received(len(chunk))
                     if len(body) > MAX_DOCUMENT_BYTES:
                         raise ManifestInvalid(f"{url} is larger than 4 MiB; stopped reading")
                 found = {}
@@ -175,7 +181,9 @@ class HttpSource(Source):
                     found["etag"] = resp.headers["etag"]
                 if resp.headers.get("last-modified"):
                     found["last_modified"] = resp.headers["last-modified"]
-                return bytes(body), found
+                result = bytes(body), found
+        stall.check(url)
+        return result
 
     async def download(
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,

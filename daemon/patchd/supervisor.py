@@ -527,8 +527,8 @@ async def wait_pid_exit(pid: int) -> None:
     """Return when process ``pid`` exits, without polling (a pidfd becomes readable)."""
     try:
         fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
+    except (ProcessLookupError, OverflowError, ValueError):
+        return  # gone, or a number no process can have: either way it is not running
     try:
         await anyio.wait_readable(fd)
     finally:
