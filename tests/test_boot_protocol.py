@@ -185,6 +185,32 @@ def test_boot_timeout(env: Env) -> None:
         sleeper.wait()
 
 
+def test_boot_timeout_counts_from_boot_start_across_a_restart(env: Env) -> None:
+    """A daemon killed while a host boots resumes the boot timeout where it was: the
+    build goes bad about ``timeout`` after BootStart, not ``timeout`` after the restart
+    (and never early)."""
+    d = env.daemon('[boot]\ntimeout = "4s"\n')
+    install(env, d, 1)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        started = time.monotonic()
+        d.call("BootStart", {"pid": sleeper.pid})
+        time.sleep(2.0)  # the boot runs this long before the crash: part of the scenario
+        d.kill()
+        d.start()
+        ready = time.monotonic()
+        assert state_of(d.status(), R, 1) == "installed"
+        # A fresh 4 s timer would fire at ready + 4; the resumed one by about start + 5.
+        status = wait_bad(d, 1, timeout=max(0.5, started + 5.5 - ready))
+        fired = time.monotonic()
+        assert fired - started >= 3.0, f"fired {fired - started:.2f} s after BootStart"
+        assert fired - ready < 4.0, f"fired {fired - ready:.2f} s after the restart"
+        assert reason_of(status, 1) == "boot_timeout"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_boot_failure_with_reason(env: Env) -> None:
     """BootFailure marks the build bad (boot_failure) keeping the host's reason, falls
     back to the last good build and queues a boot_failure event."""

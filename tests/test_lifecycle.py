@@ -619,14 +619,15 @@ def test_detect_boot_crash_with_reused_pid(lc: Lifecycle) -> None:
     assert lc.detect_boot_crash() == B1
 
 
-def test_boot_timed_out(lc: Lifecycle) -> None:
-    """boot_timed_out is true only with a breadcrumb older than a positive timeout."""
+def test_boot_elapsed(lc: Lifecycle) -> None:
+    """boot_elapsed counts from the breadcrumb's start time, and is None without one."""
     now = datetime.now(UTC)
-    assert not lc.boot_timed_out(now, 10)
+    assert lc.boot_elapsed(now) is None
     lc.record_boot_start(None, None, None)
-    assert not lc.boot_timed_out(now, 0)
-    assert not lc.boot_timed_out(now - timedelta(seconds=5), 10)
-    assert lc.boot_timed_out(now + timedelta(seconds=11), 10)
+    elapsed = lc.boot_elapsed(now + timedelta(seconds=11))
+    assert elapsed is not None and 10 <= elapsed <= 12  # whole seconds in the breadcrumb
+    lc.record_boot_success(None)
+    assert lc.boot_elapsed(now) is None
 
 
 # --- validation, recompute, mark_bad, cleanup -------------------------------------------

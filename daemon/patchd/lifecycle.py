@@ -514,13 +514,17 @@ class Lifecycle:
         build = self._pointers.next_boot
         return build, self.tree_path(build)
 
-    def boot_timed_out(self, now: datetime, timeout: float) -> bool:
-        """True when a boot is recorded and has run longer than ``timeout`` seconds (>0)."""
+    def boot_elapsed(self, now: datetime) -> float | None:
+        """Seconds the recorded boot has been running, or None when none is recorded.
+
+        The supervisor's boot timeout counts from here after a restart, so a host
+        that hangs across a daemon restart still times out on schedule.
+        """
         p = self._pointers
-        if timeout <= 0 or p.currently_booting is None or p.boot_started_at is None:
-            return False
+        if p.currently_booting is None or p.boot_started_at is None:
+            return None
         started = _parse_time(p.boot_started_at)
-        return started is not None and (now - started).total_seconds() >= timeout
+        return None if started is None else (now - started).total_seconds()
 
     # --- download ---
 

@@ -417,12 +417,11 @@ class Daemon:
     async def _watch_boot(self, build: Build, pid: int | None, scope: anyio.CancelScope,
                           resumed: bool) -> None:
         timeout = self.config.boot.timeout or None
-        started = _parse_utc(self.lifecycle.pointers.boot_started_at)
-        if resumed and timeout is not None and started is not None:
+        elapsed = self.lifecycle.boot_elapsed(datetime.now(UTC))
+        if resumed and timeout is not None and elapsed is not None:
             # After a daemon restart the boot has been running for a while already;
             # boot_started_at has whole seconds, so count one less, never fire early.
-            elapsed = (datetime.now(UTC) - started).total_seconds() - 1
-            timeout = max(0.0, timeout - max(0.0, elapsed))
+            timeout = max(0.0, timeout - max(0.0, elapsed - 1))
         with scope:
             with anyio.move_on_after(timeout) as timer:
                 if pid is not None and self.config.boot.watch_pid:
@@ -504,15 +503,6 @@ class Daemon:
         log.info("config.reloaded", source=new.source)
         self._wake_poll.set()
         self.notifier.ready()
-
-
-def _parse_utc(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def _file_signature(path: Path) -> tuple[int, int, int] | None:
