@@ -359,12 +359,16 @@ def test_download_transitions_refuse_wrong_states(lc: Lifecycle) -> None:
 
 
 def test_install_complete_removes_download_and_staging(lc: Lifecycle) -> None:
-    """Installing records size and files and deletes the now-useless download."""
+    """Installing records size and files and deletes the now-useless download, and the
+    validators a crash left beside it (found by the e2e crash campaign)."""
     download(lc, B1)
+    meta = lc.download_path(B1).with_name(lc.download_path(B1).name + ".meta")
+    meta.write_text("{}")
     install(lc, B1, promote=False)
     state = lc.state(B1)
     assert isinstance(state, Installed) and list(state.files) == ["bin/app"]
     assert not lc.download_path(B1).exists() and not lc.staging_path(B1).exists()
+    assert not meta.exists()
     assert lc.pointers.next_boot == B0  # not promoted yet
 
 

@@ -617,7 +617,7 @@ class Lifecycle:
         if not tree.is_dir():
             raise IllegalTransition(build, state, "complete an install of", f"{tree} missing")
         self._write_state(build, Installed(size, dict(files)), "install_complete")
-        fsio.remove_tree(self.download_path(build))
+        self._remove_download(build)
         fsio.remove_tree(self._build_dir(build) / STAGING_DIR)
         log.info("lifecycle.installed", build=str(build), size=size, files=len(files))
 
@@ -859,8 +859,15 @@ class Lifecycle:
             self._remove_empty_release(build.release)
         log.info("lifecycle.forgotten", build=str(build), tree_kept=keep)
 
+    def _remove_download(self, build: Build) -> None:
+        """The download and the validators kept beside it: the meta outlives the file
+        when a crash came between the downloader's last two steps."""
+        path = self.download_path(build)
+        fsio.remove_tree(path)
+        fsio.remove_tree(path.with_name(path.name + DOWNLOAD_META_SUFFIX))
+
     def _remove_files(self, build: Build, *, keep_tree: bool) -> None:
-        fsio.remove_tree(self.download_path(build))
+        self._remove_download(build)
         bdir = self._build_dir(build)
         for entry in _listdir(bdir):
             if entry == STATE_FILE or (keep_tree and entry == TREE_DIR):
