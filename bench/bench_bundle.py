@@ -14,26 +14,21 @@ Usage: python bench/bench_bundle.py [--small] [--dir DIR] [--keep]
 
 from __future__ import annotations
 
+import argparse
 import os
+import random
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# bench/ holds other scripts (e.g. socket.py) that would shadow stdlib modules when this
-# file runs as a script (its directory is sys.path[0]); drop that entry before importing.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-
-from patchd.pack import pack  # noqa: E402
-from patchd.signing import public_raw  # noqa: E402
+from common import emit, make_tree
+from patchd.pack import pack
+from patchd.signing import public_raw
 
 RSS_BUDGET = 64 * 1024 * 1024
 
@@ -60,23 +55,6 @@ elapsed = time.perf_counter() - t
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 print(elapsed, int(hwm) * 1024)
 """
-
-
-def make_tree(root: Path, total: int, count: int, seed: int = 1) -> list[Path]:
-    """``count`` files of about ``total`` bytes in all, half random, half repeated (≈2:1)."""
-    rng = random.Random(seed)
-    files = []
-    per_dir = 100
-    mean = total // count
-    for i in range(count):
-        d = root / f"d{i // per_dir:03d}" / f"s{i % 7}"
-        d.mkdir(parents=True, exist_ok=True)
-        size = max(1, int(rng.expovariate(1 / mean))) if i % 10 else mean
-        half = rng.randbytes(size // 2 + 1)
-        path = d / f"f{i:05d}.bin"
-        path.write_bytes((half + half)[:size])
-        files.append(path)
-    return files
 
 
 def change(base: Path, target: Path, files: list[Path], fraction: float) -> int:
@@ -176,9 +154,6 @@ def main() -> None:
              f"budget {RSS_BUDGET / 2**20:.0f} MiB", f"{rss_apply / RSS_BUDGET:.2f}x")
         ok = max(rss, rss_apply) < RSS_BUDGET
         print("RSS budget:", "met" if ok else "EXCEEDED")
-        sys.path.append(_HERE)
-        from common import emit  # RESULT lines for bench/run
-
         emit("patch_bundle_size", s_delta / 1024, "KiB", "< no-delta size",
              s_delta < s_plain, s_plain / 1024, s_delta / s_plain)
         emit("read_verify", mib / t_read, "MiB/s", ">= 1.0x zstd|tar -x",

@@ -14,26 +14,21 @@ bench/run. Usage: python bench/bench_install.py [--small] [--dir DIR] [--keep] [
 
 from __future__ import annotations
 
+import argparse
 import os
+import random
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# bench/ holds scripts whose names could shadow stdlib modules when this file runs as
-# a script (its directory is sys.path[0]); drop that entry before importing.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-
-from patchd.pack import pack  # noqa: E402
-from patchd.signing import public_raw  # noqa: E402
+from common import make_tree
+from patchd.pack import pack
+from patchd.signing import public_raw
 
 TIME_TARGET = 1.5
 PATCHD_PATH = ""
@@ -67,24 +62,6 @@ with Lifecycle.open(Path(state), Path(cache), Path(release)) as lc:
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 print(elapsed, int(hwm) * 1024)
 """
-
-
-def make_tree(root: Path, total: int, count: int, seed: int = 1) -> list[Path]:
-    """``count`` files of about ``total`` bytes, 100 per directory, half-random content."""
-    rng = random.Random(seed)
-    files = []
-    mean = total // count
-    (root).mkdir(parents=True)
-    (root / "VERSION").write_text("1.0\n")
-    for i in range(count):
-        d = root / f"d{i // 100:03d}" / f"s{i % 7}"
-        d.mkdir(parents=True, exist_ok=True)
-        size = max(1, int(rng.expovariate(1 / mean))) if i % 10 else mean
-        half = rng.randbytes(size // 2 + 1)
-        path = d / f"f{i:05d}.bin"
-        path.write_bytes((half + half)[:size])
-        files.append(path)
-    return files
 
 
 def change(base: Path, target: Path, files: list[Path], fraction: float) -> list[str]:
@@ -141,7 +118,7 @@ def main() -> None:
     try:
         base, target = work / "base", work / "target"
         t = time.perf_counter()
-        files = make_tree(base, total, count)
+        files = make_tree(base, total, count, version="1.0")
         changed = change(base, target, files, 0.01)
         size = sum(p.stat().st_size for p in files)
         print(f"tree: {count} files, {size / 2**20:.0f} MiB, {len(changed)} changed "

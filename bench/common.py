@@ -12,11 +12,35 @@ Every bench prints, besides its own human output, one machine-readable line per 
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def make_tree(root: Path, total: int, count: int, seed: int = 1,
+              version: str | None = None) -> list[Path]:
+    """``count`` files of about ``total`` bytes in all, 100 per directory, sizes drawn
+    from an exponential distribution, each half random and half repeated (compresses
+    about 2:1, like real app trees); plus ``VERSION`` when given."""
+    rng = random.Random(seed)
+    files = []
+    mean = total // count
+    root.mkdir(parents=True, exist_ok=True)
+    if version is not None:
+        (root / "VERSION").write_text(version + "\n")
+    for i in range(count):
+        d = root / f"d{i // 100:03d}" / f"s{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        size = max(1, int(rng.expovariate(1 / mean))) if i % 10 else mean
+        half = rng.randbytes(size // 2 + 1)
+        path = d / f"f{i:05d}.bin"
+        path.write_bytes((half + half)[:size])
+        files.append(path)
+    return files
+
 
 FIELDS = ("name", "value", "unit", "baseline", "ratio", "target", "pass")
 

@@ -429,10 +429,8 @@ class Lifecycle:
                 self._sweep_build(Build(rel, int(patch)))
             if not _listdir(rel_dir):
                 fsio.remove_tree(rel_dir)
-        wanted = {self.download_path(b) for b, s in self.builds()
-                  if isinstance(s, Downloading | Downloaded)}
-        # The downloader keeps the origin's validators beside a partial (for If-Range).
-        wanted |= {p.with_name(p.name + DOWNLOAD_META_SUFFIX) for p in list(wanted)}
+        wanted = {path for b, s in self.builds() if isinstance(s, Downloading | Downloaded)
+                  for path in self._download_files(b)}
         downloads = self.cache_dir / "downloads"
         for entry in _listdir(downloads):
             if downloads / entry not in wanted:
@@ -859,12 +857,17 @@ class Lifecycle:
             self._remove_empty_release(build.release)
         log.info("lifecycle.forgotten", build=str(build), tree_kept=keep)
 
-    def _remove_download(self, build: Build) -> None:
-        """The download and the validators kept beside it: the meta outlives the file
-        when a crash came between the downloader's last two steps."""
+    def _download_files(self, build: Build) -> tuple[Path, Path]:
+        """The download and the origin's validators the downloader keeps beside it (for
+        If-Range); they live and go together."""
         path = self.download_path(build)
-        fsio.remove_tree(path)
-        fsio.remove_tree(path.with_name(path.name + DOWNLOAD_META_SUFFIX))
+        return path, path.with_name(path.name + DOWNLOAD_META_SUFFIX)
+
+    def _remove_download(self, build: Build) -> None:
+        """Both files: the meta outlives the download when a crash came between the
+        downloader's last two steps."""
+        for path in self._download_files(build):
+            fsio.remove_tree(path)
 
     def _remove_files(self, build: Build, *, keep_tree: bool) -> None:
         self._remove_download(build)
