@@ -27,17 +27,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common import emit, make_tree
-from patchd.pack import pack
-from patchd.signing import public_raw
+from patchd.publisher.pack import pack
+from patchd.trust.signing import public_raw
 
 RSS_BUDGET = 64 * 1024 * 1024
 
 READER_CHILD = r"""
 import sys, time
 from pathlib import Path
-from patchd.bundle import Expected, open_bundle
-from patchd.signing import TrustedKeys
-from patchd.apply import apply_bundle
+from patchd.trust.bundle import Expected, open_bundle
+from patchd.trust.signing import TrustedKeys
+from patchd.build.apply import apply_bundle
 bundle, raw, mode = Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), sys.argv[3]
 trust = TrustedKeys.from_raw([raw], 1)
 t = time.perf_counter()

@@ -59,7 +59,7 @@ def child(url: str, dest: str, size: int, sha: str, offset: int, counter: str | 
     import anyio
     import structlog
 
-    from patchd.sources import HttpSource
+    from patchd.fetch.sources import HttpSource
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     transport: httpx.AsyncBaseTransport | None = None

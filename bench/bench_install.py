@@ -27,8 +27,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common import make_tree
-from patchd.pack import pack
-from patchd.signing import public_raw
+from patchd.publisher.pack import pack
+from patchd.trust.signing import public_raw
 
 TIME_TARGET = 1.5
 PATCHD_PATH = ""
@@ -39,10 +39,10 @@ import hashlib, logging, shutil, sys, time
 from pathlib import Path
 import structlog
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-from patchd.install import InstallRequest, install
-from patchd.lifecycle import Lifecycle
-from patchd.model import Build
-from patchd.signing import TrustedKeys
+from patchd.build.install import InstallRequest, install
+from patchd.state.lifecycle import Lifecycle
+from patchd.core.model import Build
+from patchd.trust.signing import TrustedKeys
 state, cache, release, bundle, raw, clone = sys.argv[1:7]
 build = Build("1.0", 1)
 with Lifecycle.open(Path(state), Path(cache), Path(release)) as lc:

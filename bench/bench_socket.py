@@ -48,8 +48,8 @@ def serve(path: Path) -> None:
     import anyio
     import structlog
 
-    from patchd.interface import INTERFACE_NAME, INTERFACE_TEXT
-    from patchd.varlink import Call, VarlinkServer, VarlinkService
+    from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
+    from patchd.varlink.protocol import Call, VarlinkServer, VarlinkService
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 

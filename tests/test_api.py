@@ -29,7 +29,7 @@ UPDATER = "io.patchd.Updater"
 R = "1.4.0"
 
 #: SPEC §4, copied here on purpose: the daemon must return exactly this text, and a
-#: copy independent of patchd.interface catches an accidental edit there.
+#: copy independent of patchd.service.interface catches an accidental edit there.
 SPEC_INTERFACE = """\
 interface io.patchd.Updater
 
@@ -413,7 +413,7 @@ def test_authorisation_by_peer_uid(env: Env) -> None:
 _BIND_AS_NOBODY = """\
 import json, os, sys
 from pathlib import Path
-from patchd.varlink import SocketGroupUnusable, bind_unix_socket
+from patchd.varlink.protocol import SocketGroupUnusable, bind_unix_socket
 uid, gid, groups = json.loads(sys.argv[2])
 os.setgroups(groups)
 os.setgid(gid)

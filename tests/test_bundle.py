@@ -16,11 +16,11 @@ import pytest
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from patchd.apply import apply_bundle
-from patchd.bundle import Expected, open_bundle
-from patchd.errors import BundleHashMismatch, BundleInvalid, SignatureInvalid, UnsafePath
-from patchd.pack import pack
-from patchd.signing import public_raw, sign_document
+from patchd.build.apply import apply_bundle
+from patchd.core.errors import BundleHashMismatch, BundleInvalid, SignatureInvalid, UnsafePath
+from patchd.publisher.pack import pack
+from patchd.trust.bundle import Expected, open_bundle
+from patchd.trust.signing import public_raw, sign_document
 from support.trees import (
     big_content,
     craft_bundle,

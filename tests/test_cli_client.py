@@ -152,13 +152,13 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 _CLI_AS_USER = """\
 import json, os, sys
 import shutil  # argparse imports it lazily to format help and errors
-import patchd.cli, patchd.client_commands, patchd.varlink_client
-patchd.cli.build_parser()
+import patchd.cli.main, patchd.cli.client, patchd.varlink.client
+patchd.cli.main.build_parser()
 uid, gid, groups = json.loads(sys.argv[1])
 os.setgroups(groups)
 os.setgid(gid)
 os.setuid(uid)
-sys.exit(patchd.cli.main(sys.argv[2:]))
+sys.exit(patchd.cli.main.main(sys.argv[2:]))
 """
 
 

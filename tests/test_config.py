@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from patchd.config import ConfigErrors, load_config, parse_duration, parse_size
-from patchd.errors import ConfigFileError
+from patchd.core.errors import ConfigFileError
 from support.cli import ROOT, run_patchd
 
 KEY = "ed25519:QcP1ZFkCBLyq3sl8nNs7vgLZJtGF6Lq/8zi/1mO3fH8="

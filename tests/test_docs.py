@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.cli import build_parser
+from patchd.cli.main import build_parser
 from support.daemon import DaemonProcess, Publisher, state_of, write_tree
 
 ROOT = Path(__file__).resolve().parent.parent

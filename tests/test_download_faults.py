@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.download import (
-    BundleNotFound,
-    DownloadOversize,
-    DownloadPolicy,
-    DownloadTruncated,
-    meta_path,
-)
-from patchd.errors import (
+from patchd.core.errors import (
     BundleHashMismatch,
     DiskFull,
     DownloadStalled,
@@ -28,7 +21,14 @@ from patchd.errors import (
     ServerError,
     TransientError,
 )
-from patchd.sources import HttpSource
+from patchd.fetch.download import (
+    BundleNotFound,
+    DownloadOversize,
+    DownloadPolicy,
+    DownloadTruncated,
+    meta_path,
+)
+from patchd.fetch.sources import HttpSource
 from support import badserver as _badserver
 from support.badserver import BadServer, Conn, Request
 

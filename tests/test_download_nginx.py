@@ -10,9 +10,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from patchd.download import BundleNotFound, meta_path
-from patchd.errors import ManifestInvalid, RepositoryError
-from patchd.sources import HttpSource, open_source
+from patchd.core.errors import ManifestInvalid, RepositoryError
+from patchd.fetch.download import BundleNotFound, meta_path
+from patchd.fetch.sources import HttpSource, open_source
 from support import nginx as _nginx
 from support.nginx import NginxRepo
 

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from patchd.errors import NetworkError, ServerError
-from patchd.events import EventQueue, send_pending
-from patchd.model import Build
+from patchd.core.errors import NetworkError, ServerError
+from patchd.core.model import Build
+from patchd.service.events import EventQueue, send_pending
 from support.daemon import DaemonProcess, Publisher, write_tree
 
 

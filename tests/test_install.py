@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from patchd import install as install_mod
-from patchd.bundle import DeleteOp, DeltaOp, DirOp, FileOp, SymlinkOp, read_header_unverified
-from patchd.errors import BundleHashMismatch, BundleInvalid, DiskFull, UnsafePath, UsageError
-from patchd.install import clone_tree, install, verify_tree
-from patchd.lifecycle import Lifecycle
-from patchd.model import Bad, BadReason, Build, Downloaded, Installed
+from patchd.build import install as install_mod
+from patchd.build.install import clone_tree, install, verify_tree
+from patchd.core.errors import BundleHashMismatch, BundleInvalid, DiskFull, UnsafePath, UsageError
+from patchd.core.model import Bad, BadReason, Build, Downloaded, Installed
+from patchd.state.lifecycle import Lifecycle
+from patchd.trust.bundle import DeleteOp, DeltaOp, DirOp, FileOp, SymlinkOp, read_header_unverified
 from support.install_child import (
     Env,
     leftovers,

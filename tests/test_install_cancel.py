@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from patchd.install import InstallCancelled, install
-from patchd.model import Build, Downloaded, Installed
+from patchd.build.install import InstallCancelled, install
+from patchd.core.model import Build, Downloaded, Installed
 from support.install_child import leftovers, listing_digest, make_env, stage_download
 
 B1 = Build("1.0", 1)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from patchd.install import install
-from patchd.model import Build, Downloaded, Installed
-from patchd.process import FAILPOINT_EXIT
-from patchd.signing import public_raw
+from patchd.build.install import install
+from patchd.core.model import Build, Downloaded, Installed
+from patchd.host.process import FAILPOINT_EXIT
+from patchd.trust.signing import public_raw
 from support.install_child import Env, leftovers, listing, listing_digest, make_env, stage_download
 from support.trees import big_content
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from patchd.journal import JournalWriter, decode_entry, encode_entry, field_name
-from patchd.logs import configure_logging
+from patchd.host.journal import JournalWriter, decode_entry, encode_entry, field_name
+from patchd.host.logs import configure_logging
 
 
 @pytest.fixture

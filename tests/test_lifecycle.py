@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import structlog
 
-from patchd import process
-from patchd.errors import BadInputError, ConfigError, PatchdError, StateLocked
-from patchd.lifecycle import (
+from patchd.core.errors import BadInputError, ConfigError, PatchdError, StateLocked
+from patchd.core.model import Bad, BadReason, Build, Downloaded, Downloading, Installed
+from patchd.host import process
+from patchd.state.lifecycle import (
     FAILPOINTS,
     MAX_INSTALL_ATTEMPTS,
     Action,
@@ -31,7 +32,6 @@ from patchd.lifecycle import (
     choose_next_boot,
     decide_download,
 )
-from patchd.model import Bad, BadReason, Build, Downloaded, Downloading, Installed
 from support.lifecycle_child import (
     check_invariants,
     download,
@@ -117,7 +117,7 @@ def test_pid_alive_false_for_zombie_and_reaped_and_nonsense() -> None:
 
 def test_failpoint_exits_86_only_for_the_armed_name() -> None:
     """``PATCHD_FAILPOINT`` makes that failpoint (and no other) exit with 86."""
-    code = ("from patchd.process import failpoint\n"
+    code = ("from patchd.host.process import failpoint\n"
             "failpoint('other')\nprint('passed', flush=True)\nfailpoint('here')\nprint('no')")
     env = {**os.environ, "PATCHD_FAILPOINT": "here"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

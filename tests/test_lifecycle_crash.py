@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from patchd.lifecycle import FAILPOINTS, Lifecycle
-from patchd.model import Build
-from patchd.process import FAILPOINT_EXIT
+from patchd.core.model import Build
+from patchd.host.process import FAILPOINT_EXIT
+from patchd.state.lifecycle import FAILPOINTS, Lifecycle
 from support.lifecycle_child import check_files_parse, check_invariants, make_release, random_step
 
 FULL = os.environ.get("PATCHD_FULL") == "1"

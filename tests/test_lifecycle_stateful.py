@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from patchd import fsio
-from patchd.errors import BadInputError
-from patchd.lifecycle import Action, Lifecycle, LifecycleError
-from patchd.model import BadReason, Build, Downloaded
+from patchd.core import fsio
+from patchd.core.errors import BadInputError
+from patchd.core.model import BadReason, Build, Downloaded
+from patchd.state.lifecycle import Action, Lifecycle, LifecycleError
 from support.lifecycle_child import (
     check_invariants,
     download,

@@ -10,20 +10,20 @@ from typing import Any
 
 import pytest
 
-from patchd.errors import (
+from patchd.core.errors import (
     ManifestExpired,
     ManifestInvalid,
     ManifestMismatch,
     ManifestSerialRollback,
     ManifestSignatureInvalid,
 )
-from patchd.manifest import (
+from patchd.trust.manifest import (
     MAX_DOCUMENT_BYTES,
     manifest_to_json,
     parse_manifest,
     verify_manifest,
 )
-from patchd.signing import sign_document
+from patchd.trust.signing import sign_document
 from support.trees import new_key, trust_of
 
 KEY, OTHER = new_key(), new_key()

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from patchd.apply import apply_bundle
-from patchd.bundle import DeleteOp, DeltaOp, DirOp, Expected, FileOp, SymlinkOp, open_bundle
-from patchd.fsio import TEMP_PREFIX
-from patchd.pack import PackError, pack
+from patchd.build.apply import apply_bundle
+from patchd.core.fsio import TEMP_PREFIX
+from patchd.publisher.pack import PackError, pack
+from patchd.trust.bundle import DeleteOp, DeltaOp, DirOp, Expected, FileOp, SymlinkOp, open_bundle
 from support.trees import Spec, big_content, new_key, snapshot, tree_specs, trust_of, write_tree
 
 KEY = new_key()

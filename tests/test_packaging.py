@@ -107,7 +107,7 @@ def test_layout(deb: Path) -> None:
         "usr/lib/sysusers.d/patchd.conf",
         "usr/share/doc/patchd/install.md",
         f"{VENV}/pyvenv.cfg",
-        f"{VENV}/lib/python3.11/site-packages/patchd/cli.py",
+        f"{VENV}/lib/python3.11/site-packages/patchd/cli/main.py",
     ):
         assert path in entries, path
     assert "usr/bin/patchd -> ../lib/patchd/venv/bin/patchd" in entries

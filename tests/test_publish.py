@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from patchd.errors import UsageError
-from patchd.fsio import TEMP_PREFIX
-from patchd.manifest import Manifest, verify_manifest
-from patchd.publish import keygen, pack_command, parse_roll_back, publish, roll_back
-from patchd.signing import TrustedKeys, parse_public_key
+from patchd.core.errors import UsageError
+from patchd.core.fsio import TEMP_PREFIX
+from patchd.publisher.publish import keygen, pack_command, parse_roll_back, publish, roll_back
+from patchd.trust.manifest import Manifest, verify_manifest
+from patchd.trust.signing import TrustedKeys, parse_public_key
 from support.trees import write_tree
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
@@ -149,8 +149,8 @@ def test_parse_roll_back() -> None:
 
 def test_publish_without_bundles_renews_expiry(tmp_path: Path) -> None:
     """Publishing no bundle re-signs with a higher serial and a new expiry, nothing else."""
-    from patchd.manifest import parse_manifest
-    from patchd.signing import generate_key
+    from patchd.trust.manifest import parse_manifest
+    from patchd.trust.signing import generate_key
 
     key = tmp_path / "k"
     generate_key(key)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from patchd.errors import ConfigError, SignatureInvalid
-from patchd.signing import (
+from patchd.core.errors import ConfigError, SignatureInvalid
+from patchd.trust.signing import (
     TrustedKeys,
     format_public_key,
     generate_key,

@@ -10,15 +10,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from patchd.download import (
+from patchd.core.errors import BundleHashMismatch, ManifestInvalid, RepositoryError
+from patchd.fetch.download import (
     DownloadOversize,
     DownloadTruncated,
     parse_content_range,
     parse_retry_after,
     verify_file,
 )
-from patchd.errors import BundleHashMismatch, ManifestInvalid, RepositoryError
-from patchd.sources import HttpSource, LocalSource, open_source
+from patchd.fetch.sources import HttpSource, LocalSource, open_source
 from support import badserver as _badserver
 from support.badserver import BadServer, Conn, Request
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from patchd.manifest import BundleRef, FullEntry, Manifest, PatchEntry, ReleaseEntry
-from patchd.model import Build
-from patchd.strategy import HostView, decide, in_rollout, rolled_back_builds
+from patchd.core.model import Build
+from patchd.trust.manifest import BundleRef, FullEntry, Manifest, PatchEntry, ReleaseEntry
+from patchd.trust.strategy import HostView, decide, in_rollout, rolled_back_builds
 
 SHA = "a" * 64
 

@@ -12,8 +12,8 @@ import anyio
 import pytest
 import varlink
 
-from patchd.interface import INTERFACE_NAME, INTERFACE_TEXT
-from patchd.varlink import SERVICE_DESCRIPTION, Call, VarlinkService
+from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
+from patchd.varlink.protocol import SERVICE_DESCRIPTION, Call, VarlinkService
 from test_varlink_protocol import TEST_DESCRIPTION, TEST_INTERFACE, make_service, running
 
 T = TypeVar("T")

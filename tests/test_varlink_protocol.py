@@ -18,7 +18,13 @@ from typing import Any
 import anyio
 import pytest
 
-from patchd.varlink import (
+from patchd.varlink.client import (
+    AsyncVarlinkClient,
+    DaemonNotRunning,
+    SocketAccessDenied,
+    VarlinkClient,
+)
+from patchd.varlink.protocol import (
     Call,
     InvalidParameter,
     Last,
@@ -29,12 +35,6 @@ from patchd.varlink import (
     VarlinkServer,
     VarlinkService,
     parse_call,
-)
-from patchd.varlink_client import (
-    AsyncVarlinkClient,
-    DaemonNotRunning,
-    SocketAccessDenied,
-    VarlinkClient,
 )
 
 TEST_INTERFACE = "org.example.test"

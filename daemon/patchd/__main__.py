@@ -1,3 +1,3 @@
-from patchd.cli import main
+from patchd.cli.main import main
 
 raise SystemExit(main())

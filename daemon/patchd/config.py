@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from patchd.errors import ConfigFileError
+from patchd.core.errors import ConfigFileError
 
 T = TypeVar("T")
 

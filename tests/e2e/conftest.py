@@ -24,7 +24,7 @@ for _p in (str(TESTS_DIR), str(E2E_DIR)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from patchd.model import Build  # noqa: E402
+from patchd.core.model import Build  # noqa: E402
 from support.daemon import DaemonProcess, Publisher, write_tree  # noqa: E402
 from support.nginx import NGINX, NginxRepo, run_nginx  # noqa: E402
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchd.fsio import TEMP_PREFIX
-from patchd.install import verify_tree
-from patchd.lifecycle import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TREE_DIR, Pointers
-from patchd.model import Bad, Build, Downloaded, Downloading, Installed, State, state_from_json
+from patchd.build.install import verify_tree
+from patchd.core.fsio import TEMP_PREFIX
+from patchd.core.model import Bad, Build, Downloaded, Downloading, Installed, State, state_from_json
+from patchd.state.lifecycle import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TREE_DIR, Pointers
 from support.daemon import DaemonProcess
 
 Listing = dict[str, tuple[Any, ...]]

@@ -40,9 +40,9 @@ from typing import Any
 
 import pytest
 
-from patchd.signing import format_public_key, public_raw
-from patchd.varlink import VarlinkError
-from patchd.varlink_client import ProtocolError
+from patchd.trust.signing import format_public_key, public_raw
+from patchd.varlink.client import ProtocolError
+from patchd.varlink.protocol import VarlinkError
 from support.attacks import (
     RepoWriter,
     bundle_bytes,

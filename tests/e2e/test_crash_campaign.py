@@ -32,7 +32,7 @@ from invariants import (
     read_pointers,
 )
 
-from patchd.model import Bad, Build
+from patchd.core.model import Bad, Build
 from support.daemon import DaemonProcess
 
 RELEASE = "1.4.0"

@@ -27,10 +27,10 @@ from invariants import (
     listing,
 )
 
-from patchd.fsio import TEMP_PREFIX
-from patchd.lifecycle import STAGING_DIR
-from patchd.model import Build, Downloaded, Downloading, Installed
-from patchd.varlink import VarlinkError
+from patchd.core.fsio import TEMP_PREFIX
+from patchd.core.model import Build, Downloaded, Downloading, Installed
+from patchd.state.lifecycle import STAGING_DIR
+from patchd.varlink.protocol import VarlinkError
 from support.daemon import DaemonProcess
 
 RELEASE = "1.4.0"

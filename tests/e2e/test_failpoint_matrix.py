@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from invariants import check_after_restart, listing
 
-from patchd import lifecycle
-from patchd.model import Build
-from patchd.process import FAILPOINT_EXIT
+from patchd.core.model import Build
+from patchd.host.process import FAILPOINT_EXIT
+from patchd.state import lifecycle
 from support.daemon import DaemonProcess
 
 RELEASE = "1.4.0"
@@ -47,7 +47,7 @@ def all_failpoints() -> list[str]:
     """Every failpoint name declared now (lifecycle, plus install's if it has them)."""
     names = list(lifecycle.FAILPOINTS)
     try:
-        from patchd import install
+        from patchd.build import install
 
         names += [n for n in getattr(install, "FAILPOINTS", ()) if n not in names]
     except ImportError:  # pragma: no cover

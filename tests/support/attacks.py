@@ -3,7 +3,7 @@
 Everything here produces bytes an attacker (or a broken mirror) could serve; none of
 it goes through patchd's own publisher, so each document says exactly what the test
 wants, however wrong. Bundles are crafted from raw tar members (``support.trees``),
-manifests are plain dicts signed with :func:`patchd.signing.sign_document` (or not).
+manifests are plain dicts signed with :func:`patchd.trust.signing.sign_document` (or not).
 
 :class:`RepoWriter` writes into a directory nginx serves and gives every file a fresh,
 strictly increasing mtime: nginx's ETag is ``mtime-seconds "-" size`` and the daemon
@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patchd.signing import key_id, public_raw, sign_document
+from patchd.trust.signing import key_id, public_raw, sign_document
 from support.trees import craft_bundle, file_op, header_doc, signed_members, tar_member
 
 __all__ = [

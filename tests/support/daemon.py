@@ -24,11 +24,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from patchd.interface import INTERFACE_NAME
-from patchd.pack import pack
-from patchd.publish import publish, roll_back
-from patchd.signing import generate_key, load_private_key
-from patchd.varlink_client import VarlinkClient
+from patchd.publisher.pack import pack
+from patchd.publisher.publish import publish, roll_back
+from patchd.service.interface import INTERFACE_NAME
+from patchd.trust.signing import generate_key, load_private_key
+from patchd.varlink.client import VarlinkClient
 
 APP = "kiosk"
 

@@ -22,11 +22,11 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patchd.install import CloneMode, InstallRequest, install
-from patchd.lifecycle import Lifecycle
-from patchd.model import Build
-from patchd.pack import pack
-from patchd.signing import TrustedKeys, public_raw
+from patchd.build.install import CloneMode, InstallRequest, install
+from patchd.core.model import Build
+from patchd.publisher.pack import pack
+from patchd.state.lifecycle import Lifecycle
+from patchd.trust.signing import TrustedKeys, public_raw
 
 APP = "kiosk"
 ARCH = "any"

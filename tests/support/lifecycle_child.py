@@ -15,9 +15,18 @@ import random
 import sys
 from pathlib import Path
 
-from patchd import fsio
-from patchd.errors import BadInputError
-from patchd.lifecycle import (
+from patchd.core import fsio
+from patchd.core.errors import BadInputError
+from patchd.core.model import (
+    Bad,
+    BadReason,
+    Build,
+    Downloaded,
+    Downloading,
+    Installed,
+    state_from_json,
+)
+from patchd.state.lifecycle import (
     CURRENT_LINK,
     POINTERS_FILE,
     Action,
@@ -25,7 +34,6 @@ from patchd.lifecycle import (
     LifecycleError,
     Pointers,
 )
-from patchd.model import Bad, BadReason, Build, Downloaded, Downloading, Installed, state_from_json
 
 REASONS = list(BadReason)
 #: How often the random driver picks each transition: mostly progress, some failure.

@@ -20,7 +20,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
-from patchd.signing import TrustedKeys, public_raw, sign_document
+from patchd.trust.signing import TrustedKeys, public_raw, sign_document
 
 Node = tuple[Any, ...]
 Spec = dict[str, Node]

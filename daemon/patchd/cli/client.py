@@ -1,0 +1,238 @@
+"""The CLI's client side (SPEC §5): status, watch, check, install, rollback, boot.
+
+Each command is one or two varlink calls through the blocking client; every failure is
+one line on stderr (the CLI's main prints ``PatchdError`` messages) and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from patchd.core.errors import PatchdError, UsageError
+from patchd.service.interface import INTERFACE_NAME
+from patchd.varlink.client import VarlinkClient
+from patchd.varlink.protocol import VarlinkError
+
+RUN_DIR = Path("/run/patchd")
+
+
+class CommandFailed(PatchdError):
+    """The daemon answered with an error."""
+
+
+def socket_path(app: str | None, explicit: Path | None) -> Path:
+    """``--socket``, else ``/run/patchd/APP.sock``; APP from the argument, ``PATCHD_APP``,
+    or the only socket in /run/patchd."""
+    if explicit is not None:
+        return explicit
+    app = app or os.environ.get("PATCHD_APP")
+    if app:
+        return RUN_DIR / f"{app}.sock"
+    sockets = sorted(RUN_DIR.glob("*.sock")) if RUN_DIR.is_dir() else []
+    if len(sockets) == 1:
+        return sockets[0]
+    if not sockets:
+        raise UsageError("name the app (no patchd socket found in /run/patchd)")
+    names = ", ".join(s.stem for s in sockets)
+    raise UsageError(f"name the app: several are managed here ({names})")
+
+
+def _describe(exc: VarlinkError) -> str:
+    short = exc.name.rpartition(".")[2]
+    p = exc.parameters
+    if short == "NotBootTarget":
+        return (f"not the boot target: expected {_build(p.get('expected'))}, "
+                f"got {_build(p.get('got'))}")
+    if short == "NotAuthorized":
+        return f"not authorised to call {p.get('method')} (ask for boot.reporters or api.admins)"
+    if short == "UpdateFailed":
+        kind = "transient, will be retried" if p.get("transient") else "not retried"
+        return f"update failed ({kind}): {p.get('reason')}"
+    if short == "InvalidBundle":
+        return f"invalid bundle: {p.get('reason')}"
+    if short == "Busy":
+        return f"busy: {_activity_line(p.get('activity') or {})}"
+    if p:
+        return f"{exc.name}: {json.dumps(p, sort_keys=True)}"
+    return exc.name
+
+
+def call(path: Path, method: str, params: dict[str, Any] | None = None,
+         timeout: float | None = 600) -> dict[str, Any]:
+    try:
+        with VarlinkClient(path, timeout=timeout) as client:
+            return client.call(f"{INTERFACE_NAME}.{method}", params or {})
+    except VarlinkError as exc:
+        raise CommandFailed(_describe(exc)) from None
+
+
+def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        with VarlinkClient(path, timeout=30) as client:
+            for reply in client.stream(f"{INTERFACE_NAME}.WatchActivity", {}, timeout=None):
+                yield reply["activity"]
+    except VarlinkError as exc:
+        raise CommandFailed(_describe(exc)) from None
+
+
+def _build(obj: Any) -> str:
+    if not isinstance(obj, dict):
+        return "none"
+    return f"{obj.get('release')}+{obj.get('patch')}"
+
+
+def parse_build(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    release, sep, patch = text.rpartition("+")
+    if not sep or not patch.isdigit() or not release:
+        raise UsageError(f"--build must look like RELEASE+PATCH (e.g. 1.4.0+3), got {text!r}")
+    return {"release": release, "patch": int(patch)}
+
+
+def _activity_line(a: dict[str, Any]) -> str:
+    phase = a.get("phase", "idle")
+    if phase == "idle" or not a.get("build"):
+        return str(phase)
+    done, total = a.get("done", 0), a.get("total", 0)
+    line = f"{phase} {_build(a.get('build'))}"
+    if total:
+        line += f": {100 * done // total}% ({_size(done)} of {_size(total)})"
+    return line
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _bar(a: dict[str, Any], width: int = 30) -> str:
+    total = a.get("total") or 0
+    if not total or a.get("phase") == "idle":
+        return _activity_line(a)
+    filled = width * a.get("done", 0) // total
+    return f"[{'#' * filled}{'.' * (width - filled)}] {_activity_line(a)}"
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+def status(args: argparse.Namespace) -> int:
+    reply = call(socket_path(args.app, args.socket), "GetStatus")
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+        return 0
+    print(f"{reply['app']} ({reply['channel']}), release {reply['release']}")
+    print(f"  next boot:    {_build(reply['next_boot'])}")
+    print(f"  last booted:  {_build(reply.get('last_booted'))}")
+    if reply.get("currently_booting"):
+        print(f"  booting now:  {_build(reply['currently_booting'])}")
+    print(f"  activity:     {_activity_line(reply['activity'])}")
+    print(f"  last check:   {reply.get('last_check') or 'never'}"
+          f"; next check: {reply.get('next_check') or 'unscheduled'}")
+    if reply.get("last_error"):
+        print(f"  last error:   {reply['last_error']}")
+    if reply["builds"]:
+        print("  builds:")
+        for info in reply["builds"]:
+            extra = f" ({info['reason']})" if info.get("reason") else ""
+            print(f"    {_build(info['build']):<16} {info['state']}{extra}")
+    return 0
+
+
+def watch(args: argparse.Namespace) -> int:
+    path = socket_path(args.app, args.socket)
+    tty = sys.stdout.isatty()
+    last = ""
+    for activity in watch_stream(path):
+        line = _bar(activity)
+        if line != last:
+            print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
+            last = line
+        if activity.get("phase") == "idle":
+            break
+    if tty:
+        print()
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    path = socket_path(args.app, args.socket)
+    reply = call(path, "CheckNow")
+    strategy, build = reply["strategy"], reply.get("build")
+    if strategy == "none":
+        print("up to date: no update")
+        return 0
+    print(f"{strategy} update to {_build(build)}")
+    if not args.wait:
+        return 0
+    watch(argparse.Namespace(app=args.app, socket=path))
+    final = call(path, "GetStatus")
+    if final["next_boot"] == build:
+        print(f"installed {_build(build)}; it boots at the next start")
+        return 0
+    raise CommandFailed(f"update to {_build(build)} did not install: "
+                        f"{final.get('last_error') or 'see patchd status'}")
+
+
+def install(args: argparse.Namespace) -> int:
+    if len(args.args) > 2:
+        raise UsageError("install takes [APP] BUNDLE")
+    app, bundle = (None, args.args[0]) if len(args.args) == 1 else args.args
+    bundle_path = Path(bundle).resolve()
+    if not bundle_path.is_file():
+        raise UsageError(f"no such bundle file: {bundle}")
+    reply = call(socket_path(app, args.socket), "Install", {"path": str(bundle_path)})
+    print(f"installed {_build(reply['build'])}; it boots at the next start")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    reply = call(socket_path(args.app, args.socket), "Rollback")
+    print(f"rolled back; next boot is {_build(reply['build'])}")
+    return 0
+
+
+def boot_target(args: argparse.Namespace) -> int:
+    reply = call(socket_path(args.app, args.socket), "GetBootTarget")
+    print(reply["path"])
+    return 0
+
+
+def boot_start(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if (build := parse_build(args.build)) is not None:
+        params["build"] = build
+    if args.pid is not None:
+        params["pid"] = args.pid
+    reply = call(socket_path(args.app, args.socket), "BootStart", params)
+    print(reply["path"])
+    return 0
+
+
+def boot_success(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if (build := parse_build(args.build)) is not None:
+        params["build"] = build
+    call(socket_path(args.app, args.socket), "BootSuccess", params)
+    return 0
+
+
+def boot_failure(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if (build := parse_build(args.build)) is not None:
+        params["build"] = build
+    if args.reason:
+        params["reason"] = args.reason
+    call(socket_path(args.app, args.socket), "BootFailure", params)
+    return 0

@@ -1,0 +1,199 @@
+"""The ``patchd`` command line (SPEC §5): parsing, dispatch, and the one-line error rule.
+
+Handlers live in the modules that own their subject and are imported lazily, so
+``patchd boot start`` in an app's launcher does not pay for importing the daemon.
+Exit codes: 0 ok, 1 the operation failed, 2 usage or config error; errors are one line
+on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from patchd import __version__
+from patchd.core.errors import PatchdError, UsageError
+
+#: command name → "module:function"; each function takes the parsed args, returns an exit code.
+HANDLERS: dict[str, str] = {
+    "run": "patchd.service.daemon:run_command",
+    "config check": "patchd.cli.main:config_check",
+    "status": "patchd.cli.client:status",
+    "watch": "patchd.cli.client:watch",
+    "check": "patchd.cli.client:check",
+    "install": "patchd.cli.client:install",
+    "rollback": "patchd.cli.client:rollback",
+    "boot-target": "patchd.cli.client:boot_target",
+    "boot start": "patchd.cli.client:boot_start",
+    "boot success": "patchd.cli.client:boot_success",
+    "boot failure": "patchd.cli.client:boot_failure",
+    "keygen": "patchd.publisher.commands:keygen_command",
+    "pack": "patchd.publisher.commands:pack_command",
+    "publish": "patchd.publisher.commands:publish_command",
+    "demo": "patchd.cli.demo:demo_command",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"patchd: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _add_app(p: argparse.ArgumentParser) -> None:
+    p.add_argument("app", nargs="?", help="the app instance (socket /run/patchd/APP.sock)")
+    p.add_argument("--socket", type=Path, help="talk to this socket instead")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="patchd", description="Signed, atomic, crash-safe app updates "
+                     "with automatic rollback.")
+    parser.add_argument("--version", action="version", version=f"patchd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("run", help="run the daemon (systemd's ExecStart)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config file (default /etc/patchd/$PATCHD_APP.toml)")
+    p.add_argument("--log-format", choices=["auto", "journal", "json", "console"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    p = sub.add_parser("config", help="work with config files")
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    config_sub.required = True
+    q = config_sub.add_parser("check", help="validate a config and print the effective one")
+    q.add_argument("path", type=Path)
+
+    p = sub.add_parser("status", help="show the daemon's status")
+    _add_app(p)
+    p.add_argument("--json", action="store_true", help="print GetStatus as JSON")
+
+    p = sub.add_parser("watch", help="live progress of the current activity")
+    _add_app(p)
+
+    p = sub.add_parser("check", help="check for an update now")
+    _add_app(p)
+    p.add_argument("--wait", action="store_true", help="wait until the update finished")
+
+    p = sub.add_parser("install", help="install a local bundle file")
+    p.add_argument("args", nargs="+", metavar="[APP] BUNDLE")
+    p.add_argument("--socket", type=Path, help="talk to this socket instead")
+
+    p = sub.add_parser("rollback", help="mark next_boot bad and fall back")
+    _add_app(p)
+
+    p = sub.add_parser("boot-target", help="print the tree path to boot")
+    _add_app(p)
+
+    p = sub.add_parser("boot", help="boot protocol for the app's launcher")
+    boot_sub = p.add_subparsers(dest="boot_command", metavar="EVENT", parser_class=_Parser)
+    boot_sub.required = True
+    for name, text in (("start", "record a boot start; prints the tree to boot"),
+                       ("success", "the booted build is healthy"),
+                       ("failure", "the booted build failed")):
+        q = boot_sub.add_parser(name, help=text)
+        _add_app(q)
+        q.add_argument("--pid", type=int, help="pid of the booting process (start)")
+        q.add_argument("--reason", help="why booting failed (failure)")
+        q.add_argument("--build", help="the build, as RELEASE+PATCH (default: the expected one)")
+
+    p = sub.add_parser("keygen", help="new Ed25519 signing key; prints the public key")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE")
+
+    p = sub.add_parser("pack", help="make a signed bundle from two trees")
+    p.add_argument("--app", required=True)
+    p.add_argument("--release", required=True)
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--patch", type=int)
+    kind.add_argument("--full", action="store_true")
+    p.add_argument("--base", type=Path, help="the release's tree (patch bundles)")
+    p.add_argument("--target", type=Path, required=True, help="the tree to produce")
+    p.add_argument("--key", type=Path, action="append", required=True, metavar="KEYFILE")
+    p.add_argument("--arch", default="any")
+    p.add_argument("--no-delta", action="store_true", help="never use delta ops")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="BUNDLE")
+
+    p = sub.add_parser("publish", help="add bundles to a repository and re-sign its manifest")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--app", required=True)
+    p.add_argument("--channel", required=True)
+    p.add_argument("--key", type=Path, action="append", required=True, metavar="KEYFILE")
+    p.add_argument("--rollout", type=int, help="percentage of hosts (0-100)")
+    p.add_argument("--expires", default="30d", help="validity of the manifest (default 30d)")
+    p.add_argument("--roll-back", metavar="RELEASE:PATCH", help="mark a patch rolled back")
+    p.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE")
+
+    p = sub.add_parser("demo", help="the whole flow in a temp directory, no root")
+    p.add_argument("--keep", action="store_true", help="keep the temp directory")
+    return parser
+
+
+def command_name(args: argparse.Namespace) -> str:
+    for sub_attr in ("config_command", "boot_command"):
+        if getattr(args, sub_attr, None):
+            return f"{args.command} {getattr(args, sub_attr)}"
+    return str(args.command)
+
+
+def config_check(args: argparse.Namespace) -> int:
+    from patchd.config import dump_config, load_config
+
+    config = load_config(args.path)
+    sys.stdout.write(dump_config(config))
+    return 0
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    name = command_name(args)
+    module_name, _, func_name = HANDLERS[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        handler = getattr(module, func_name)
+    except (ImportError, AttributeError) as exc:
+        if getattr(exc, "name", None) not in (module_name, func_name, None):
+            raise
+        sys.stderr.write(f"patchd: {name}: not implemented yet\n")
+        return 1
+    return int(handler(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        # A command's stdout is its output (a tree path, a key, JSON): library logs go
+        # to stderr, and only when they matter.
+        from patchd.host.logs import configure_logging
+
+        configure_logging("console", "warning", stream=sys.stderr)
+    try:
+        return dispatch(args)
+    except PatchdError as exc:
+        first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        sys.stderr.write(f"patchd: {first}\n")
+        for line in rest:  # a config with several problems: one line each
+            sys.stderr.write(f"patchd: {line}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `patchd status | head`: the reader went away; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if os.environ.get("PATCHD_DEBUG"):
+            raise
+        sys.stderr.write(f"patchd: internal error: {type(exc).__name__}: {exc} "
+                         "(set PATCHD_DEBUG=1 for a traceback)\n")
+        return 1
+
+
+def usage_error(message: str) -> UsageError:
+    """Shortcut for handlers: ``raise usage_error("…")`` exits 2 with one line."""
+    return UsageError(message)

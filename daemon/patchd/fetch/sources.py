@@ -1,0 +1,249 @@
+"""Repository sources: where manifests and bundles come from (SPEC §2, §3.4).
+
+A repository is static files, reached over HTTP(S) or in a local directory
+(``file://`` URL or a plain path). Both kinds offer the same three operations:
+resolve a bundle URL against the manifest URL, fetch the manifest and its signature
+(conditionally), and download a bundle with the engine in :mod:`patchd.fetch.download`.
+
+One :class:`HttpSource` owns ONE ``httpx.AsyncClient`` for all its requests (connection
+reuse, proxies from the environment via ``trust_env``); use it as ``async with``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import httpx
+import structlog
+
+from patchd.core.errors import ManifestInvalid, RepositoryError
+from patchd.fetch.download import (
+    DownloadPolicy,
+    Progress,
+    RateLimiter,
+    StallDeadline,
+    http_download,
+    http_errors,
+    local_copy,
+    status_error,
+)
+
+log = structlog.get_logger("patchd.fetch.sources")
+
+#: Hard cap on manifest.json and manifest.json.sig (SPEC §2.1: endless data).
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestFetch:
+    """A fetched manifest, its signature file, and the validators to persist."""
+
+    manifest: bytes
+    signature: bytes
+    validators: dict[str, str]
+
+
+class Source:
+    """A repository; subclasses implement the operations. Use as ``async with``."""
+
+    def __init__(self, manifest_url: str) -> None:
+        self.manifest_url = manifest_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.manifest_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release connections; the default has nothing to release."""
+
+    def resolve(self, url: str) -> str:
+        raise NotImplementedError
+
+    async def fetch_manifest(self, validators: dict[str, str] | None) -> ManifestFetch | None:
+        """Manifest and signature, or None when unchanged since ``validators``."""
+        raise NotImplementedError
+
+    async def download(
+        self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
+        progress: Progress | None,
+    ) -> None:
+        """Bring ``url`` (already resolved) into ``dest``, verified and fsynced."""
+        raise NotImplementedError
+
+
+def open_source(
+    manifest_url: str, *, timeout: float, max_rate: int = 0, max_redirects: int = 5,
+    policy: DownloadPolicy | None = None,
+) -> Source:
+    """The source for ``manifest_url``: HTTP(S), or local for ``file://`` and paths.
+
+    ``timeout`` is the connect and between-bytes timeout; the stall window defaults to
+    twice it. ``policy`` overrides the download knobs (tests use small stall values).
+    """
+    scheme = urlsplit(manifest_url).scheme.lower()
+    if policy is None:
+        policy = DownloadPolicy(stall_window=max(2 * timeout, 1.0), max_rate=max_rate)
+    if scheme in ("http", "https"):
+        return HttpSource(manifest_url, timeout=timeout, max_redirects=max_redirects,
+                          policy=policy)
+    if scheme in ("", "file"):
+        return LocalSource(manifest_url, policy=policy)
+    raise RepositoryError(f"unsupported URL scheme {scheme!r} in {manifest_url!r}; "
+                          "use http://, https://, file:// or a path")
+
+
+class HttpSource(Source):
+    """A repository on an HTTP(S) server or CDN."""
+
+    def __init__(
+        self, manifest_url: str, *, timeout: float, max_redirects: int = 5,
+        policy: DownloadPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(manifest_url)
+        self.policy = policy or DownloadPolicy()
+        # One limiter for the source, so the configured rate holds across downloads.
+        self.limiter = RateLimiter(self.policy.max_rate)
+        self.client = httpx.AsyncClient(
+            http2=False,
+            follow_redirects=True,
+            max_redirects=max_redirects,
+            timeout=httpx.Timeout(connect=timeout, read=timeout, write=timeout, pool=timeout),
+            trust_env=True,
+            headers={"Accept-Encoding": "identity", "User-Agent": "patchd"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def resolve(self, url: str) -> str:
+        return str(httpx.URL(self.manifest_url).join(url))
+
+    async def fetch_manifest(self, validators: dict[str, str] | None) -> ManifestFetch | None:
+        headers: dict[str, str] = {}
+        if validators:
+            if validators.get("etag"):
+                headers["If-None-Match"] = validators["etag"]
+            if validators.get("last_modified"):
+                headers["If-Modified-Since"] = validators["last_modified"]
+        fetched = await self._get_document(self.manifest_url, headers)
+        if fetched is None:
+            log.debug("manifest.not_modified", url=self.manifest_url)
+            return None
+        manifest, new_validators = fetched
+        sig_url = self.manifest_url + ".sig"
+        sig = await self._get_document(sig_url, {})
+        assert sig is not None  # unconditional: never 304
+        return ManifestFetch(manifest, sig[0], new_validators)
+
+    async def _get_document(
+        self, url: str, headers: dict[str, str]
+    ) -> tuple[bytes, dict[str, str]] | None:
+        # The download stall rule holds from the request on: a manifest trickled just
+        # under httpx's per-read timeout would otherwise hold every check for hours.
+        stall = StallDeadline(self.policy)
+        result: tuple[bytes, dict[str, str]] | None = None
+        with http_errors(url), stall.scope:
+            async with self.client.stream("GET", url, headers=headers) as resp:
+                if resp.status_code == 304 and headers:
+                    return None
+                if resp.status_code != 200:
+                    raise status_error(resp, url, bundle=False)
+                length = resp.headers.get("content-length", "")
+                if length.isdigit() and int(length) > MAX_DOCUMENT_BYTES:
+                    raise ManifestInvalid(f"{url} is larger than 4 MiB "
+                                          f"(Content-Length {length}); refused unread")
+                body = bytearray()
+                # Bytes on the wire, like bundles: the signature decides.
+                async for chunk in resp.aiter_raw():
+                    body += chunk
+                    stall.received(len(chunk))
+                    if len(body) > MAX_DOCUMENT_BYTES:
+                        raise ManifestInvalid(f"{url} is larger than 4 MiB; stopped reading")
+                found = {}
+                if resp.headers.get("etag"):
+                    found["etag"] = resp.headers["etag"]
+                if resp.headers.get("last-modified"):
+                    found["last_modified"] = resp.headers["last-modified"]
+                result = bytes(body), found
+        stall.check(url)
+        return result
+
+    async def download(
+        self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
+        progress: Progress | None,
+    ) -> None:
+        await http_download(self.client, url, dest, size=size, sha256=sha256, offset=offset,
+                            progress=progress, policy=self.policy, limiter=self.limiter)
+
+
+def _local_path(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise RepositoryError(f"file URL with a remote host is not supported: {url!r}")
+        return Path(unquote(parts.path))
+    if parts.scheme:
+        raise RepositoryError(f"a local repository cannot serve {url!r}")
+    return Path(url)
+
+
+class LocalSource(Source):
+    """A repository in a local directory (a mounted USB stick, an NFS share, tests)."""
+
+    def __init__(self, manifest_url: str, *, policy: DownloadPolicy | None = None) -> None:
+        super().__init__(manifest_url)
+        self.manifest_path = _local_path(manifest_url).absolute()
+        self.policy = policy
+
+    def resolve(self, url: str) -> str:
+        if urlsplit(url).scheme:
+            return str(_local_path(url))
+        return str(self.manifest_path.parent / url)
+
+    async def fetch_manifest(self, validators: dict[str, str] | None) -> ManifestFetch | None:
+        manifest = await anyio.to_thread.run_sync(_read_capped, self.manifest_path)
+        sig_path = self.manifest_path.with_name(self.manifest_path.name + ".sig")
+        signature = await anyio.to_thread.run_sync(_read_capped, sig_path)
+        # A content hash as the ETag is exact where mtimes are coarse (FAT on a stick).
+        etag = '"' + hashlib.sha256(manifest + b"\0" + signature).hexdigest()[:32] + '"'
+        if validators and validators.get("etag") == etag:
+            return None
+        return ManifestFetch(manifest, signature, {"etag": etag})
+
+    async def download(
+        self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
+        progress: Progress | None,
+    ) -> None:
+        await local_copy(_local_path(url), dest, size=size, sha256=sha256, offset=offset,
+                         progress=progress, policy=self.policy)
+
+
+def _read_capped(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise RepositoryError(f"{path}: not found in the local repository") from exc
+    except OSError as exc:
+        raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise ManifestInvalid(f"{path} is larger than 4 MiB; refused")
+    return data

@@ -1,0 +1,216 @@
+"""Publisher commands: keygen, pack and publish, as plain functions the CLI wires up.
+
+A repository is a directory served as static files, one per channel::
+
+    REPO/manifest.json  REPO/manifest.json.sig
+    REPO/RELEASE/N-ARCH.patchd  REPO/RELEASE/full-ARCH.patchd
+
+Order of writes on publish: bundles first (a manifest never names a missing file), then
+``manifest.json.sig``, then ``manifest.json``, each atomically (temp, fsync, rename).
+Two files cannot change in one step, so whichever goes first, a client polling between
+the two renames may pair an old file with a new one. That pair fails verification,
+which is harmless by design: the client logs it, keeps what it has and gets the
+consistent pair at its next poll. Signature first means the manifest a client reads is
+never newer than the newest signature, so the window closes with the manifest rename.
+
+CLI arguments expected (SPEC §5):
+  keygen  -o KEYFILE                          → keygen(out)
+  pack    --app A --release R (--patch N | --full) [--base DIR] --target DIR
+          --key KEYFILE... [--arch ARCH, default any] [--no-delta] -o BUNDLE
+                                              → pack_command(...)
+  publish --repo DIR --app A --channel C --key KEYFILE... [--rollout P]
+          [--expires 30d] BUNDLE...           → publish(...)
+  publish ... --roll-back RELEASE:PATCH       → roll_back(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from patchd.core.errors import BundleInvalid, UsageError
+from patchd.core.fsio import TEMP_PREFIX, atomic_write_bytes, fsync_dir
+from patchd.core.model import is_valid_release
+from patchd.publisher.pack import pack
+from patchd.trust.bundle import BundleHeader, read_header_unverified
+from patchd.trust.manifest import (
+    BundleRef,
+    FullEntry,
+    Manifest,
+    PatchEntry,
+    ReleaseEntry,
+    manifest_to_json,
+    parse_manifest,
+)
+from patchd.trust.signing import generate_key, load_private_key, sign_document
+
+log = structlog.get_logger("patchd.publisher.publish")
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"
+Key = Path | Ed25519PrivateKey
+
+
+def _load_keys(keys: Sequence[Key]) -> list[Ed25519PrivateKey]:
+    if not keys:
+        raise UsageError("at least one --key is needed")
+    return [k if isinstance(k, Ed25519PrivateKey) else load_private_key(k) for k in keys]
+
+
+def keygen(out: Path) -> str:
+    """Write a new private key to ``out`` (0600); return the ``ed25519:`` public key."""
+    return generate_key(Path(out))
+
+
+def pack_command(*, app: str, release: str, patch: int | None, full: bool, base: Path | None,
+                 target: Path, keys: Sequence[Key], arch: str = "any", out: Path,
+                 delta: bool = True) -> BundleHeader:
+    """``patchd pack``: check the argument combination, then write the bundle."""
+    if not is_valid_release(release):
+        raise UsageError(f"--release {release!r} is not a valid release name")
+    if full == (patch is not None):
+        raise UsageError("give exactly one of --patch N or --full")
+    if full and base is not None:
+        raise UsageError("--full bundles have no --base")
+    if not full and (base is None or patch is None or patch < 1):
+        raise UsageError("a patch bundle needs --base DIR and --patch N (N >= 1)")
+    for tree in (base, target):
+        if tree is not None and not Path(tree).is_dir():
+            raise UsageError(f"{tree} is not a directory")
+    return pack(app=app, release=release, patch=0 if full else int(patch or 0),
+                kind="full" if full else "patch", arch=arch, base=base, target=Path(target),
+                private_keys=_load_keys(keys), out=Path(out), delta=delta)
+
+
+def _load_manifest(repo: Path, app: str, channel: str, now: datetime) -> Manifest:
+    path = repo / MANIFEST
+    if not path.exists():
+        return Manifest(app, channel, 0, now, {}, None)
+    manifest = parse_manifest(path.read_bytes())
+    if (manifest.app, manifest.channel) != (app, channel):
+        raise UsageError(f"{path} is for app {manifest.app!r} channel {manifest.channel!r}, "
+                         f"not {app!r} {channel!r}")
+    return manifest
+
+
+def _copy_bundle(src: Path, dest: Path) -> tuple[int, str]:
+    """Copy atomically; return (size, sha256) of the bytes written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{TEMP_PREFIX}{dest.name}.{secrets.token_hex(4)}")
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            while chunk := fin.read(1024 * 1024):
+                h.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(dest.parent)
+    return size, h.hexdigest()
+
+
+def _with_bundle(refs: tuple[BundleRef, ...], ref: BundleRef) -> tuple[BundleRef, ...]:
+    return tuple(sorted([r for r in refs if r.arch != ref.arch] + [ref], key=lambda r: r.arch))
+
+
+def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int | None
+         ) -> Manifest:
+    if header.kind == "full":
+        full = manifest.full
+        bundles = full.bundles if full is not None and full.release == header.release else ()
+        return replace(manifest, full=FullEntry(header.release, _with_bundle(bundles, ref)))
+    releases = dict(manifest.releases)
+    entry = releases.get(header.release) or ReleaseEntry(header.release, (), frozenset())
+    old = entry.patch(header.patch)
+    new = PatchEntry(
+        header.patch,
+        rollout if rollout is not None else (old.rollout if old else 100),
+        _with_bundle(old.bundles if old else (), ref),
+    )
+    patches = tuple(sorted([p for p in entry.patches if p.patch != header.patch] + [new],
+                           key=lambda p: p.patch))
+    # Publishing a rolled-back patch again is a roll-forward.
+    releases[header.release] = ReleaseEntry(header.release, patches,
+                                            entry.rolled_back - {header.patch})
+    return replace(manifest, releases=releases)
+
+
+def _write(repo: Path, manifest: Manifest, keys: list[Ed25519PrivateKey]) -> None:
+    data = (json.dumps(manifest_to_json(manifest), indent=2) + "\n").encode()
+    atomic_write_bytes(repo / SIGNATURE, sign_document(data, keys))
+    atomic_write_bytes(repo / MANIFEST, data)
+    log.info("publish.manifest_written", repo=str(repo), serial=manifest.serial)
+
+
+def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Sequence[Path],
+            rollout: int | None, expires: timedelta, *, now: datetime | None = None
+            ) -> Manifest:
+    """Add bundles to the channel directory ``repo``, bump the serial and re-sign."""
+    if rollout is not None and not 0 <= rollout <= 100:
+        raise UsageError(f"--rollout must be 0..100, got {rollout}")
+    if not bundles and not (Path(repo) / MANIFEST).exists():
+        raise UsageError(f"{Path(repo) / MANIFEST} does not exist: name a bundle to publish")
+    # No bundles: re-sign the manifest with a new serial and expiry (a renewal before
+    # the current one expires), changing nothing else.
+    private = _load_keys(keys)
+    now = now or datetime.now(UTC)
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(repo, app, channel, now)
+    for path in bundles:
+        header = read_header_unverified(Path(path))
+        if header.app != app:
+            raise BundleInvalid(f"{path} is a bundle for app {header.app!r}, not {app!r}")
+        stem = "full" if header.kind == "full" else str(header.patch)
+        url = f"{header.release}/{stem}-{header.arch}.patchd"
+        size, sha = _copy_bundle(Path(path), repo / url)
+        manifest = _add(manifest, header, BundleRef(header.arch, url, size, sha), rollout)
+        log.info("publish.bundle_added", bundle=str(path), url=url)
+    manifest = replace(manifest, serial=manifest.serial + 1, expires=now + expires)
+    _write(repo, manifest, private)
+    return manifest
+
+
+def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: str,
+              patch: int, expires: timedelta, *, now: datetime | None = None) -> Manifest:
+    """Mark ``release`` patch ``patch`` rolled back, bump the serial and re-sign."""
+    private = _load_keys(keys)
+    now = now or datetime.now(UTC)
+    repo = Path(repo)
+    if not (repo / MANIFEST).exists():
+        raise UsageError(f"{repo / MANIFEST} does not exist; nothing to roll back")
+    manifest = _load_manifest(repo, app, channel, now)
+    entry = manifest.releases.get(release)
+    if entry is None:
+        raise UsageError(f"release {release!r} is not in {repo / MANIFEST}")
+    releases = dict(manifest.releases)
+    releases[release] = replace(entry, rolled_back=entry.rolled_back | {patch})
+    manifest = replace(manifest, releases=releases, serial=manifest.serial + 1,
+                       expires=now + expires)
+    _write(repo, manifest, private)
+    return manifest
+
+
+def parse_roll_back(text: str) -> tuple[str, int]:
+    """``RELEASE:PATCH`` → (release, patch); UsageError when malformed."""
+    release, sep, number = text.rpartition(":")
+    if not sep or not is_valid_release(release) or not number.isdigit() or int(number) < 1:
+        raise UsageError(f"--roll-back wants RELEASE:PATCH (e.g. 1.4.0:3), got {text!r}")
+    return release, int(number)

@@ -1,0 +1,267 @@
+"""Small varlink clients: synchronous for the CLI, asynchronous for tests and tools.
+
+Both speak the same wire format as ``varlink.py`` (NUL-terminated JSON). Failures a
+user can act on get their own exception so the CLI prints one line:
+``DaemonNotRunning`` (no socket, or nobody listening), ``SocketAccessDenied``
+(the socket's mode/group keeps this user out), ``ProtocolError`` (the daemon hung up
+or sent garbage); an error reply raises ``VarlinkError`` with its name and parameters.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import anyio
+from anyio.abc import SocketStream
+
+from patchd.core.errors import PatchdError
+from patchd.varlink.protocol import VarlinkError, decode_message, encode_message
+
+#: Replies may be larger than requests (a status listing many builds), but not unbounded.
+MAX_REPLY: Final = 16 << 20
+_READ_SIZE: Final = 64 * 1024
+
+
+class DaemonNotRunning(PatchdError):
+    """No socket file, or nobody listens on it: the daemon is not running."""
+
+
+class SocketAccessDenied(PatchdError):
+    """The socket exists but this user may not connect to it."""
+
+
+class ProtocolError(PatchdError):
+    """The connection broke mid-call or the daemon sent something that is not varlink."""
+
+
+def _connect_error(path: Path, exc: OSError) -> PatchdError:
+    """Translate a connect() failure into the one-line error the CLI prints."""
+    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+        return DaemonNotRunning(f"patchd is not running (cannot connect to {path}: {exc.strerror})")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return SocketAccessDenied(
+            f"permission denied on {path}: run as root or as a member of the socket's group"
+        )
+    return ProtocolError(f"cannot connect to {path}: {exc}")
+
+
+def _call_message(
+    method: str, parameters: Mapping[str, Any] | None, *, more: bool = False, oneway: bool = False
+) -> bytes:
+    message: dict[str, Any] = {"method": method, "parameters": dict(parameters or {})}
+    if more:
+        message["more"] = True
+    if oneway:
+        message["oneway"] = True
+    return encode_message(message)
+
+
+class _Framer:
+    """Splits received bytes into messages; bounded by ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            raise ProtocolError("the daemon closed the connection before replying")
+        self._buffer += data
+
+    def pop(self) -> dict[str, Any] | None:
+        """The next complete reply, or None if more bytes are needed."""
+        end = self._buffer.find(b"\0")
+        if end < 0:
+            if len(self._buffer) > self.limit:
+                raise ProtocolError(f"reply larger than {self.limit} bytes")
+            return None
+        raw = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        try:
+            reply = decode_message(raw)
+        except ValueError as exc:
+            raise ProtocolError(f"the daemon sent invalid JSON: {exc}") from exc
+        if not isinstance(reply, dict):
+            raise ProtocolError("the daemon sent a reply that is not an object")
+        return reply
+
+
+def _unpack(reply: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(parameters, continues) of a reply; raises VarlinkError for an error reply."""
+    parameters = reply.get("parameters") or {}
+    if "error" in reply:
+        raise VarlinkError(str(reply["error"]), parameters)
+    return parameters, reply.get("continues") is True
+
+
+class VarlinkClient:
+    """A blocking connection to a varlink service on a Unix socket (one call at a time)."""
+
+    def __init__(
+        self, path: Path | str, *, timeout: float | None = 30.0, max_reply: int = MAX_REPLY
+    ) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+        self._framer = _Framer(max_reply)
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(str(self.path))
+        except OSError as exc:
+            self.close()
+            raise _connect_error(self.path, exc) from exc
+
+    def __repr__(self) -> str:
+        return f"VarlinkClient({str(self.path)!r}, open={self._sock is not None})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def call(
+        self, method: str, parameters: Mapping[str, Any] | None = None, *, oneway: bool = False
+    ) -> dict[str, Any]:
+        """Call ``method`` (fully qualified) and return its reply parameters."""
+        self._send(_call_message(method, parameters, oneway=oneway))
+        if oneway:
+            return {}
+        parameters_out, _ = _unpack(self._receive(self.timeout))
+        return parameters_out
+
+    def stream(
+        self,
+        method: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Call with ``more`` and yield each reply until the last; ``timeout`` per reply.
+
+        Leaving the loop early closes the connection (the daemon may still be sending).
+        """
+        self._send(_call_message(method, parameters, more=True))
+        finished = False
+        try:
+            while True:
+                reply, continues = _unpack(self._receive(timeout))
+                finished = not continues
+                yield reply
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.close()
+
+    def _send(self, data: bytes) -> None:
+        sock = self._open()
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise ProtocolError(f"the connection to {self.path} broke: {exc}") from exc
+
+    def _receive(self, timeout: float | None) -> dict[str, Any]:
+        sock = self._open()
+        sock.settimeout(timeout)
+        while (reply := self._framer.pop()) is None:
+            try:
+                self._framer.feed(sock.recv(_READ_SIZE))
+            except TimeoutError as exc:
+                self.close()
+                raise ProtocolError(f"no reply from {self.path} within {timeout} s") from exc
+            except OSError as exc:
+                self.close()
+                raise ProtocolError(f"the connection to {self.path} broke: {exc}") from exc
+        return reply
+
+    def _open(self) -> socket.socket:
+        if self._sock is None:
+            raise ProtocolError(f"the connection to {self.path} is closed")
+        return self._sock
+
+
+class AsyncVarlinkClient:
+    """The same client for async code: ``async with await AsyncVarlinkClient.connect(p)``."""
+
+    def __init__(self, stream: SocketStream, path: Path, max_reply: int = MAX_REPLY) -> None:
+        self.path = path
+        self._stream = stream
+        self._framer = _Framer(max_reply)
+
+    def __repr__(self) -> str:
+        return f"AsyncVarlinkClient({str(self.path)!r})"
+
+    @classmethod
+    async def connect(cls, path: Path | str, *, max_reply: int = MAX_REPLY) -> AsyncVarlinkClient:
+        try:
+            stream = await anyio.connect_unix(path)
+        except OSError as exc:
+            raise _connect_error(Path(path), exc) from exc
+        return cls(stream, Path(path), max_reply)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def call(
+        self, method: str, parameters: Mapping[str, Any] | None = None, *, oneway: bool = False
+    ) -> dict[str, Any]:
+        """Call ``method`` and return its reply parameters (no timeout: wrap in one)."""
+        await self._send(_call_message(method, parameters, oneway=oneway))
+        if oneway:
+            return {}
+        reply, _ = _unpack(await self._receive())
+        return reply
+
+    async def stream(
+        self, method: str, parameters: Mapping[str, Any] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Call with ``more`` and yield each reply until the last."""
+        await self._send(_call_message(method, parameters, more=True))
+        while True:
+            reply, continues = _unpack(await self._receive())
+            yield reply
+            if not continues:
+                return
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise ProtocolError(f"the connection to {self.path} broke") from exc
+
+    async def _receive(self) -> dict[str, Any]:
+        while (reply := self._framer.pop()) is None:
+            try:
+                data = await self._stream.receive(_READ_SIZE)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                data = b""
+            self._framer.feed(data)
+        return reply
