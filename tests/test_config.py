@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from patchd.config import ConfigErrors, load_config, parse_duration, parse_size
-from patchd.core.errors import ConfigFileError
+from patchd.config import load_config, parse_duration, parse_size
+from patchd.core.errors import ConfigErrors, ConfigFileError
 from support.cli import ROOT, run_patchd
 
 KEY = "ed25519:QcP1ZFkCBLyq3sl8nNs7vgLZJtGF6Lq/8zi/1mO3fH8="

@@ -14,20 +14,17 @@ import pytest
 
 from patchd.core.errors import (
     BundleHashMismatch,
+    BundleNotFound,
     DiskFull,
+    DownloadOversize,
     DownloadStalled,
+    DownloadTruncated,
     NetworkError,
     RepositoryError,
     ServerError,
     TransientError,
 )
-from patchd.fetch.download import (
-    BundleNotFound,
-    DownloadOversize,
-    DownloadPolicy,
-    DownloadTruncated,
-    meta_path,
-)
+from patchd.fetch.download import DownloadPolicy, meta_path
 from patchd.fetch.sources import HttpSource
 from support import badserver as _badserver
 from support.badserver import BadServer, Conn, Request

@@ -10,8 +10,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from patchd.core.errors import ManifestInvalid, RepositoryError
-from patchd.fetch.download import BundleNotFound, meta_path
+from patchd.core.errors import BundleNotFound, ManifestInvalid, RepositoryError
+from patchd.fetch.download import meta_path
 from patchd.fetch.sources import HttpSource, open_source
 from support import nginx as _nginx
 from support.nginx import NginxRepo

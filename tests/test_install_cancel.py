@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from patchd.build.install import InstallCancelled, install
+from patchd.build.install import install
+from patchd.core.errors import InstallCancelled
 from patchd.core.model import Build, Downloaded, Installed
 from support.install_child import leftovers, listing_digest, make_env, stage_download
 

@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 import structlog
 
-from patchd.core.errors import BadInputError, ConfigError, PatchdError, StateLocked
+from patchd.core.errors import (
+    BadInputError,
+    ConfigError,
+    IllegalTransition,
+    InstallLoop,
+    NoBootInProgress,
+    NotBootTarget,
+    PatchdError,
+    RollbackRefused,
+    StateLocked,
+)
 from patchd.core.model import Bad, BadReason, Build, Downloaded, Downloading, Installed
 from patchd.host import process
 from patchd.state.lifecycle import (
@@ -22,13 +32,8 @@ from patchd.state.lifecycle import (
     MAX_INSTALL_ATTEMPTS,
     Action,
     Decision,
-    IllegalTransition,
-    InstallLoop,
     Lifecycle,
-    NoBootInProgress,
-    NotBootTarget,
     Pointers,
-    RollbackRefused,
     choose_next_boot,
     decide_download,
 )

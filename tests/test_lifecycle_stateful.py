@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from patchd.core import fsio
-from patchd.core.errors import BadInputError
+from patchd.core.errors import BadInputError, LifecycleError
 from patchd.core.model import BadReason, Build, Downloaded
-from patchd.state.lifecycle import Action, Lifecycle, LifecycleError
+from patchd.state.lifecycle import Action, Lifecycle
 from support.lifecycle_child import (
     check_invariants,
     download,

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from patchd.build.apply import apply_bundle
+from patchd.core.errors import PackError
 from patchd.core.fsio import TEMP_PREFIX
-from patchd.publisher.pack import PackError, pack
+from patchd.publisher.pack import pack
 from patchd.trust.bundle import DeleteOp, DeltaOp, DirOp, Expected, FileOp, SymlinkOp, open_bundle
 from support.trees import Spec, big_content, new_key, snapshot, tree_specs, trust_of, write_tree
 

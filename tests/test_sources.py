@@ -10,14 +10,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from patchd.core.errors import BundleHashMismatch, ManifestInvalid, RepositoryError
-from patchd.fetch.download import (
+from patchd.core.errors import (
+    BundleHashMismatch,
     DownloadOversize,
     DownloadTruncated,
-    parse_content_range,
-    parse_retry_after,
-    verify_file,
+    ManifestInvalid,
+    RepositoryError,
 )
+from patchd.fetch.download import parse_content_range, parse_retry_after, verify_file
 from patchd.fetch.sources import HttpSource, LocalSource, open_source
 from support import badserver as _badserver
 from support.badserver import BadServer, Conn, Request

@@ -18,19 +18,14 @@ from typing import Any
 import anyio
 import pytest
 
-from patchd.varlink.client import (
-    AsyncVarlinkClient,
-    DaemonNotRunning,
-    SocketAccessDenied,
-    VarlinkClient,
-)
+from patchd.core.errors import DaemonNotRunning, SocketAccessDenied, SocketInUse
+from patchd.varlink.client import AsyncVarlinkClient, VarlinkClient
 from patchd.varlink.protocol import (
     Call,
     InvalidParameter,
     Last,
     PeerCred,
     SocketGroupMissing,
-    SocketInUse,
     VarlinkError,
     VarlinkServer,
     VarlinkService,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from patchd.core.errors import ConfigFileError
+from patchd.core.errors import ConfigErrors, ConfigFileError
 
 T = TypeVar("T")
 
@@ -31,17 +31,6 @@ _SIZE_UNITS = {
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
 
-
-class ConfigErrors(ConfigFileError):
-    """All problems found in one config file, one line each."""
-
-    def __init__(self, path: str, problems: list[tuple[str | None, str]]) -> None:
-        lines = [f"{path}: {key}: {what}" if key else f"{path}: {what}" for key, what in problems]
-        Exception.__init__(self, "\n".join(lines))
-        self.path = path
-        self.key = problems[0][0] if problems else None
-        self.problem = problems[0][1] if problems else ""
-        self.problems = problems
 
 
 def parse_duration(text: object) -> float:

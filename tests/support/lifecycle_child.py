@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from patchd.core import fsio
-from patchd.core.errors import BadInputError
+from patchd.core.errors import BadInputError, LifecycleError
 from patchd.core.model import (
     Bad,
     BadReason,
@@ -26,14 +26,7 @@ from patchd.core.model import (
     Installed,
     state_from_json,
 )
-from patchd.state.lifecycle import (
-    CURRENT_LINK,
-    POINTERS_FILE,
-    Action,
-    Lifecycle,
-    LifecycleError,
-    Pointers,
-)
+from patchd.state.lifecycle import CURRENT_LINK, POINTERS_FILE, Action, Lifecycle, Pointers
 
 REASONS = list(BadReason)
 #: How often the random driver picks each transition: mostly progress, some failure.

@@ -24,6 +24,7 @@ from typing import Literal
 
 import structlog
 
+from patchd.core.errors import InstallCancelled
 from patchd.build.apply import apply_bundle
 from patchd.trust.bundle import (
     BundleHeader,
@@ -67,9 +68,6 @@ class InstallRequest:
     #: (``Install``) is only refused, or one corrupt USB stick would ban a good patch.
     mark_bad_on_bad_input: bool = True
 
-
-class InstallCancelled(Exception):
-    """Raised by a ``check_cancelled`` hook to stop an install between two ops."""
 
 
 class _StoppableReader:

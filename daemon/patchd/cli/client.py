@@ -14,16 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from patchd.core.errors import PatchdError, UsageError
+from patchd.core.errors import CommandFailed, UsageError
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink.client import VarlinkClient
 from patchd.varlink.protocol import VarlinkError
 
 RUN_DIR = Path("/run/patchd")
 
-
-class CommandFailed(PatchdError):
-    """The daemon answered with an error."""
 
 
 def socket_path(app: str | None, explicit: Path | None) -> Path:

@@ -26,13 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from patchd.core.errors import PatchdError
+from patchd.core.errors import DemoFailed
 
 APP = "demo-app"
 
-
-class DemoFailed(PatchdError):
-    """A step of the demo did not turn out as the narrative says it should."""
 
 
 class Demo:

@@ -58,8 +58,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from patchd.core import fsio
 from patchd.core.errors import (
     BundleHashMismatch,
+    BundleNotFound,
     DiskFull,
+    DownloadOversize,
     DownloadStalled,
+    DownloadTruncated,
     NetworkError,
     RepositoryError,
     ServerError,
@@ -73,18 +76,7 @@ Progress = Callable[[int, int], None]
 READ_CHUNK = 1024 * 1024
 
 
-class DownloadOversize(BundleHashMismatch):
-    """The server announced or sent more bytes than the signed manifest's ``size``."""
 
-    bad_reason = "hash_mismatch"
-
-
-class DownloadTruncated(NetworkError):
-    """The response ended before ``size`` bytes arrived; the partial file is kept."""
-
-
-class BundleNotFound(ServerError):
-    """404/410 on a bundle: transient, the manifest may be ahead of the mirror."""
 
 
 @dataclass(frozen=True, slots=True)

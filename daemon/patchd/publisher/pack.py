@@ -27,7 +27,7 @@ import structlog
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patchd.core.errors import PatchdError, UnsafePath
+from patchd.core.errors import PackError, UnsafePath
 from patchd.core.fsio import fsync_dir
 from patchd.trust.bundle import (
     BundleHeader,
@@ -54,9 +54,6 @@ DELTA_WORTH = 0.70
 LARGE_FILE = 8 * 1024 * 1024
 _CHUNK = 1024 * 1024
 
-
-class PackError(PatchdError):
-    """The trees cannot be packed (special files, unsafe links, files changing under us)."""
 
 
 @dataclass(frozen=True, slots=True)

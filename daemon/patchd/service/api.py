@@ -18,11 +18,16 @@ import structlog
 from anyio.abc import TaskStatus
 
 from patchd import __version__
-from patchd.core.errors import BadInputError, PatchdError, TransientError
+from patchd.core.errors import (
+    BadInputError,
+    LifecycleError,
+    NotBootTarget,
+    PatchdError,
+    TransientError,
+)
 from patchd.core.model import Build
 from patchd.host import process
 from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
-from patchd.state.lifecycle import LifecycleError, NotBootTarget
 from patchd.varlink.protocol import (
     Call,
     InvalidParameter,

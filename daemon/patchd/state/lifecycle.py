@@ -41,7 +41,15 @@ from typing import Any, TypeVar, cast
 import structlog
 
 from patchd.core import fsio
-from patchd.core.errors import BadInputError, ConfigError, PatchdError, StateLocked
+from patchd.core.errors import (
+    ConfigError,
+    IllegalTransition,
+    InstallLoop,
+    NoBootInProgress,
+    NotBootTarget,
+    RollbackRefused,
+    StateLocked,
+)
 from patchd.core.model import (
     Bad,
     BadReason,
@@ -104,43 +112,10 @@ ValidityCheck = Callable[[Build, Installed, Path], str | None]
 # --- errors ----------------------------------------------------------------------------
 
 
-class LifecycleError(PatchdError):
-    """A transition was asked for that the current state does not allow."""
 
 
-class IllegalTransition(LifecycleError):
-    """Names the build, its state and the transition that cannot apply to it."""
-
-    def __init__(self, build: Build, state: State | None, event: str, why: str = "") -> None:
-        name = state.name if state is not None else "none"
-        msg = f"cannot {event} build {build}: it is {name}"
-        super().__init__(f"{msg} ({why})" if why else msg)
-        self.build = build
-        self.state = state
-        self.event = event
 
 
-class NotBootTarget(LifecycleError):
-    """The host reported a build other than the one it was told to boot."""
-
-    def __init__(self, expected: Build, got: Build) -> None:
-        super().__init__(f"build {got} is not the boot target; expected {expected}")
-        self.expected = expected
-        self.got = got
-
-
-class NoBootInProgress(LifecycleError):
-    """A boot success/failure was reported but no ``BootStart`` is recorded."""
-
-
-class RollbackRefused(LifecycleError):
-    """A manual rollback was asked for while next_boot is already the release itself."""
-
-
-class InstallLoop(BadInputError):
-    """The build's install was started too often without completing; it is now bad."""
-
-    bad_reason = "install_loop"
 
 
 # --- pointers --------------------------------------------------------------------------

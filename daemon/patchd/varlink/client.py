@@ -19,7 +19,8 @@ from typing import Any, Final, Self
 import anyio
 from anyio.abc import SocketStream
 
-from patchd.core.errors import PatchdError
+from patchd.core.errors import DaemonConnectionBroken as ProtocolError
+from patchd.core.errors import DaemonNotRunning, PatchdError, SocketAccessDenied
 from patchd.varlink.protocol import VarlinkError, decode_message, encode_message
 
 #: Replies may be larger than requests (a status listing many builds), but not unbounded.
@@ -27,16 +28,7 @@ MAX_REPLY: Final = 16 << 20
 _READ_SIZE: Final = 64 * 1024
 
 
-class DaemonNotRunning(PatchdError):
-    """No socket file, or nobody listens on it: the daemon is not running."""
 
-
-class SocketAccessDenied(PatchdError):
-    """The socket exists but this user may not connect to it."""
-
-
-class ProtocolError(PatchdError):
-    """The connection broke mid-call or the daemon sent something that is not varlink."""
 
 
 def _connect_error(path: Path, exc: OSError) -> PatchdError:

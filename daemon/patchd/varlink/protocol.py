@@ -40,7 +40,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.lowlevel import checkpoint
 
-from patchd.core.errors import ConfigError, PatchdError
+from patchd.core.errors import ConfigError, PatchdError, SocketInUse
 
 log = structlog.get_logger("patchd.varlink.protocol")
 
@@ -159,11 +159,6 @@ class ExpectedMore(VarlinkError):
     def __init__(self) -> None:
         super().__init__(f"{SERVICE_INTERFACE}.ExpectedMore")
 
-
-class SocketInUse(PatchdError):
-    """Another live process answers on the socket path (or it is not a socket)."""
-
-    exit_code = 2
 
 
 class SocketGroupMissing(ConfigError):

@@ -1,0 +1,123 @@
+"""Every path patchd keeps on the host, named once.
+
+Callers never join path parts by hand: they ask the :class:`Layout` of their app, so a
+file's name lives in one place and start-up repair, cleanup and the writers agree on
+it. The tree it describes::
+
+    state_dir/
+      .lock                          flock: one process per state directory
+      pointers.json                  the boot pointers
+      client.json                    client id, accepted manifest serial and validators
+      events.json                    events not yet delivered to the collector
+      current -> builds/R/N/tree     next boot's tree (absolute path for release_dir)
+      builds/R/N/state.json          one build's state
+      builds/R/N/tree/               its installed tree
+      builds/R/N/.staging-tree/      the installer's work in progress
+      builds/R/N/.patchd-tmp-old-tree-*  a tree moved aside by a reinstall
+    cache_dir/downloads/
+      R-N.patchd                     a partial or complete download
+      R-N.patchd.meta                the origin's validators, for If-Range
+
+Pure path arithmetic: nothing here touches the filesystem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from patchd.core.fsio import TEMP_PREFIX
+from patchd.core.model import Build
+
+__all__ = ["OLD_TREE_PREFIX", "DownloadFiles", "Layout"]
+
+#: A build's tree moved aside by a reinstall while a host may still run it.
+OLD_TREE_PREFIX = TEMP_PREFIX + "old-tree-"
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadFiles:
+    """A download and its companion: the two live and go together.
+
+    ``meta`` holds the origin's ETag/Last-Modified so a resume can send If-Range.
+    """
+
+    data: Path
+    meta: Path
+
+    @classmethod
+    def beside(cls, data: Path) -> DownloadFiles:
+        """The pair for a download at ``data`` (a local bundle, a benchmark's file)."""
+        return cls(data, data.with_name(data.name + ".meta"))
+
+    def __iter__(self) -> Iterator[Path]:
+        """Both paths, data first: ``for path in files: remove(path)``."""
+        return iter((self.data, self.meta))
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The on-disk places of one app's state and cache directories."""
+
+    state_dir: Path
+    cache_dir: Path
+
+    STATE_FILE = "state.json"
+    TREE_DIR = "tree"
+    STAGING_DIR = ".staging-tree"
+    DOWNLOAD_SUFFIX = ".patchd"
+
+    # --- state_dir ---
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / ".lock"
+
+    @property
+    def pointers(self) -> Path:
+        return self.state_dir / "pointers.json"
+
+    @property
+    def client(self) -> Path:
+        return self.state_dir / "client.json"
+
+    @property
+    def events(self) -> Path:
+        return self.state_dir / "events.json"
+
+    @property
+    def current(self) -> Path:
+        return self.state_dir / "current"
+
+    @property
+    def builds(self) -> Path:
+        return self.state_dir / "builds"
+
+    def release_dir(self, release: str) -> Path:
+        """``builds/R``: every build of one release."""
+        return self.builds / release
+
+    def build_dir(self, build: Build) -> Path:
+        return self.builds / build.release / str(build.patch)
+
+    def state_file(self, build: Build) -> Path:
+        return self.build_dir(build) / self.STATE_FILE
+
+    def tree(self, build: Build) -> Path:
+        """Where an installed build's tree is (the OS release's is ``release_dir``)."""
+        return self.build_dir(build) / self.TREE_DIR
+
+    def staging(self, build: Build) -> Path:
+        """Where the installer builds the tree, beside its final place (one rename)."""
+        return self.build_dir(build) / self.STAGING_DIR
+
+    # --- cache_dir ---
+
+    @property
+    def downloads(self) -> Path:
+        return self.cache_dir / "downloads"
+
+    def download(self, build: Build) -> DownloadFiles:
+        data = self.downloads / f"{build.release}-{build.patch}{self.DOWNLOAD_SUFFIX}"
+        return DownloadFiles.beside(data)
