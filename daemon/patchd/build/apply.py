@@ -37,13 +37,12 @@ from patchd.trust.bundle import (
     SymlinkOp,
 )
 from patchd.core.errors import BundleInvalid, DiskFull, UnsafePath
-from patchd.core.fsio import TEMP_PREFIX
+from patchd.core.fsio import DIR_FLAGS, open_dir_at, temp_name
 
 log = structlog.get_logger("patchd.build.apply")
 
 #: A delta's base file is read whole into memory; larger ones are refused.
 MAX_DELTA_BASE = 64 * 1024 * 1024
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1024 * 1024
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -64,7 +63,7 @@ class _Tree:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root_fd = os.open(root, _DIR_FLAGS)
+        self.root_fd = os.open(root, DIR_FLAGS)
         self._parent: tuple[str, int] | None = None
 
     def __repr__(self) -> str:
@@ -73,17 +72,10 @@ class _Tree:
 
     def open_dir(self, rel: str) -> int:
         """A new fd of directory ``rel`` ("" is the root), refusing any symlink on the way."""
-        fd = os.dup(self.root_fd)
-        for i, part in enumerate(rel.split("/") if rel else []):
-            try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                where = "/".join(rel.split("/")[: i + 1])
-                os.close(fd)
-                raise self._walk_error(where, exc) from exc
-            os.close(fd)
-            fd = nfd
-        return fd
+        try:
+            return open_dir_at(self.root_fd, rel)
+        except OSError as exc:
+            raise self._walk_error(str(exc.filename), exc) from exc
 
     def _walk_error(self, where: str, exc: OSError) -> Exception:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -136,10 +128,6 @@ class _Tree:
             return f.read()
 
 
-def _temp_name(name: str) -> str:
-    return f"{TEMP_PREFIX}{name[:64]}.{secrets.token_hex(4)}"
-
-
 def _refuse_dir(tree: _Tree, path: str, what: str) -> None:
     st = tree.lstat(path)
     if st is not None and stat.S_ISDIR(st.st_mode):
@@ -149,7 +137,7 @@ def _refuse_dir(tree: _Tree, path: str, what: str) -> None:
 def _write_file(tree: _Tree, op: FileOp | DeltaOp, payload: Payload) -> None:
     _refuse_dir(tree, op.path, "file")
     dfd, name = tree.parent(op.path)
-    tmp = _temp_name(name)
+    tmp = temp_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=dfd)
     try:
@@ -183,7 +171,7 @@ def _make_dir(tree: _Tree, op: DirOp) -> None:
 def _make_link(tree: _Tree, op: SymlinkOp) -> None:
     _refuse_dir(tree, op.path, "symlink")
     dfd, name = tree.parent(op.path)
-    tmp = _temp_name(name)
+    tmp = temp_name(name)
     os.symlink(op.target, tmp, dir_fd=dfd)
     try:
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -38,7 +38,7 @@ from patchd.trust.bundle import (
     open_bundle,
 )
 from patchd.core.errors import BadInputError, DiskFull, UsageError
-from patchd.core.fsio import fsync_dir, remove_tree
+from patchd.core.fsio import DIR_FLAGS, fsync_dir, open_dir_at, remove_tree
 from patchd.state.lifecycle import OLD_TREE_PREFIX, Lifecycle
 from patchd.core.model import BadReason, Build, Installed
 from patchd.host.process import failpoint
@@ -217,7 +217,6 @@ def _check_free_space(where: Path, needed: int) -> None:
 
 # --- cloning -----------------------------------------------------------------------------
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Owner rwx: staging directories keep it until the bundle is applied, so an unprivileged
 #: daemon (User=patchd) can write into a directory the release ships read-only.
 _OWNER_RWX = 0o700
@@ -241,10 +240,10 @@ def _clone(base: Path, dest: Path, mode: CloneMode) -> tuple[CloneMode, dict[str
     method and the directories (relative path → base mode) still to be restored."""
     chosen = _probe_clone_mode(base, dest.parent) if mode == "auto" else mode
     deferred: dict[str, int] = {}
-    src_fd = os.open(base, _DIR_FLAGS & ~os.O_NOFOLLOW)  # release_dir itself may be a link
+    src_fd = os.open(base, DIR_FLAGS & ~os.O_NOFOLLOW)  # release_dir itself may be a link
     try:
         os.mkdir(dest, _OWNER_RWX)
-        dst_fd = os.open(dest, _DIR_FLAGS)
+        dst_fd = os.open(dest, DIR_FLAGS)
         try:
             _clone_dir(src_fd, dst_fd, "", chosen, deferred)
             _set_dir_mode(dst_fd, "", stat.S_IMODE(os.fstat(src_fd).st_mode), deferred)
@@ -331,9 +330,9 @@ def _clone_dir(src_fd: int, dst_fd: int, rel: str, mode: CloneMode,
 def _clone_subdir(src_fd: int, dst_fd: int, name: str, rel: str, mode: CloneMode,
                   deferred: dict[str, int]) -> None:
     os.mkdir(name, _OWNER_RWX, dir_fd=dst_fd)
-    sub_src = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
+    sub_src = os.open(name, DIR_FLAGS, dir_fd=src_fd)
     try:
-        sub_dst = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
+        sub_dst = os.open(name, DIR_FLAGS, dir_fd=dst_fd)
         try:
             _clone_dir(sub_src, sub_dst, rel + "/", mode, deferred)
             _set_dir_mode(sub_dst, rel, stat.S_IMODE(os.fstat(sub_src).st_mode), deferred)
@@ -403,18 +402,15 @@ def _restore_dir_modes(tree: Path, deferred: Mapping[str, int], set_by_bundle: s
 def _open_dir_nofollow(tree: Path, rel: str) -> int:
     """An fd of directory ``rel`` under ``tree``, refusing a symlink on the way (ELOOP
     becomes NotADirectoryError: the bundle replaced that directory with a link)."""
-    fd = os.open(tree, _DIR_FLAGS)
-    for part in rel.split("/") if rel else []:
-        try:
-            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno == errno.ELOOP:
-                raise NotADirectoryError(exc.errno, exc.strerror, rel) from exc
-            raise
-        os.close(fd)
-        fd = nfd
-    return fd
+    root = os.open(tree, DIR_FLAGS)
+    try:
+        return open_dir_at(root, rel)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotADirectoryError(exc.errno, exc.strerror, rel) from exc
+        raise
+    finally:
+        os.close(root)
 
 
 # --- strict verification -----------------------------------------------------------------

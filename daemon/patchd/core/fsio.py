@@ -2,7 +2,7 @@
 
 A crash at any instant must leave either the old or the new version of a state file,
 never a torn one, and a rename must survive power loss: so every write goes to a sibling
-temp file, is fsynced, renamed over the target, and the directory is fsynced (SPEC §3.1).
+temp file, is fsynced, renamed over the target, and the directory is fsynced.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import secrets
 import shutil
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -38,8 +39,60 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}")
+#: Open a directory without following a link, for walks through directory fds.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def temp_name(name: str) -> str:
+    """A unique temporary name for a sibling of ``name`` that start-up repair may remove."""
+    return f"{TEMP_PREFIX}{name[:64]}.{secrets.token_hex(4)}"
+
+
+def open_dir_at(base_fd: int, rel: str) -> int:
+    """A new fd of directory ``rel`` below ``base_fd`` ("" is ``base_fd`` itself).
+
+    Every component is opened relative to the previous one with ``O_NOFOLLOW``, so a
+    symlink anywhere on the way fails (ELOOP/ENOTDIR) instead of leading outside the
+    tree. The OSError raised names, as ``filename``, the prefix of ``rel`` that failed.
+    """
+    fd = os.dup(base_fd)
+    parts = rel.split("/") if rel else []
+    for i, part in enumerate(parts):
+        try:
+            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            os.close(fd)
+            exc.filename = "/".join(parts[: i + 1])
+            raise
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write a file that appears at ``path`` complete and durable, or not at all.
+
+    The body writes to a temporary sibling; on success it is fsynced, renamed over
+    ``path`` and the directory fsynced. On any failure the sibling is removed and the
+    old file stays. ENOSPC/EDQUOT become :class:`DiskFull`.
+    """
+    tmp = path.with_name(temp_name(path.name))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left writing {path}") from exc
+        raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -47,26 +100,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
     ENOSPC/EDQUOT become :class:`DiskFull` and leave the old file in place.
     """
-    tmp = _temp_sibling(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"no space left writing {path}") from exc
-        raise
-    fsync_dir(path.parent)
+    with atomic_file(path, mode) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
@@ -97,7 +132,7 @@ def read_json(path: Path) -> Any | None:
 
 def replace_symlink(link: Path, target: str) -> None:
     """Point ``link`` at ``target`` atomically (create a temp link, rename it over)."""
-    tmp = _temp_sibling(link)
+    tmp = link.with_name(temp_name(link.name))
     os.symlink(target, tmp)
     try:
         os.replace(tmp, link)

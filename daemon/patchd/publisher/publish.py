@@ -25,11 +25,8 @@ CLI arguments expected (SPEC §5):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -39,7 +36,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from patchd.core.errors import BundleInvalid, UsageError
-from patchd.core.fsio import TEMP_PREFIX, atomic_write_bytes, fsync_dir
+from patchd.core.fsio import atomic_file, atomic_write_bytes
 from patchd.core.model import is_valid_release
 from patchd.publisher.pack import pack
 from patchd.trust.bundle import BundleHeader, read_header_unverified
@@ -106,23 +103,12 @@ def _load_manifest(repo: Path, app: str, channel: str, now: datetime) -> Manifes
 def _copy_bundle(src: Path, dest: Path) -> tuple[int, str]:
     """Copy atomically; return (size, sha256) of the bytes written."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{TEMP_PREFIX}{dest.name}.{secrets.token_hex(4)}")
     h, size = hashlib.sha256(), 0
-    try:
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
-            while chunk := fin.read(1024 * 1024):
-                h.update(chunk)
-                size += len(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(dest.parent)
+    with open(src, "rb") as fin, atomic_file(dest, 0o644) as fout:
+        while chunk := fin.read(1024 * 1024):
+            h.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
     return size, h.hexdigest()
 
 
