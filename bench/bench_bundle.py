@@ -35,7 +35,7 @@ RSS_BUDGET = 64 * 1024 * 1024
 READER_CHILD = r"""
 import sys, time
 from pathlib import Path
-from patchd.trust.bundle import Expected, open_bundle
+from patchd.trust import Expected, open_bundle
 from patchd.trust.signing import TrustedKeys
 from patchd.build.apply import apply_bundle
 bundle, raw, mode = Path(sys.argv[1]), bytes.fromhex(sys.argv[2]), sys.argv[3]

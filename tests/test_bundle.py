@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from patchd.build.apply import apply_bundle
 from patchd.core.errors import BundleHashMismatch, BundleInvalid, SignatureInvalid, UnsafePath
 from patchd.publisher.pack import pack
-from patchd.trust.bundle import Expected, open_bundle
+from patchd.trust import Expected, open_bundle
 from patchd.trust.signing import public_raw, sign_document
 from support.trees import (
     big_content,

@@ -25,7 +25,7 @@ from patchd.build.install import clone_tree, install, verify_tree
 from patchd.core.errors import BundleHashMismatch, BundleInvalid, DiskFull, UnsafePath, UsageError
 from patchd.core.model import Bad, BadReason, Build, Downloaded, Installed
 from patchd.state.lifecycle import Lifecycle
-from patchd.trust.bundle import DeleteOp, DeltaOp, DirOp, FileOp, SymlinkOp, read_header_unverified
+from patchd.trust import DeleteOp, DeltaOp, DirOp, FileOp, SymlinkOp, read_header_unverified
 from support.install_child import (
     Env,
     leftovers,

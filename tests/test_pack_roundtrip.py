@@ -13,7 +13,7 @@ from patchd.build.apply import apply_bundle
 from patchd.core.errors import PackError
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.publisher.pack import pack
-from patchd.trust.bundle import DeleteOp, DeltaOp, DirOp, Expected, FileOp, SymlinkOp, open_bundle
+from patchd.trust import DeleteOp, DeltaOp, DirOp, Expected, FileOp, SymlinkOp, open_bundle
 from support.trees import Spec, big_content, new_key, snapshot, tree_specs, trust_of, write_tree
 
 KEY = new_key()

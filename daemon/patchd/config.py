@@ -7,8 +7,6 @@ value: a reload builds a new one and swaps it in only when it is valid.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import platform
 import re
 import tomllib
@@ -19,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from patchd.core.errors import ConfigErrors, ConfigFileError
+from patchd.trust.signing import parse_public_key
 
 T = TypeVar("T")
 
@@ -69,20 +68,6 @@ def parse_size(text: object) -> int:
     return int(value)
 
 
-def decode_public_key(text: str) -> bytes:
-    """Raw 32 bytes of an ``ed25519:<base64>`` key (SPEC §2.2)."""
-    prefix = "ed25519:"
-    if not isinstance(text, str) or not text.startswith(prefix):
-        raise ValueError(f"expected \"ed25519:<base64 of 32 bytes>\", got {text!r}")
-    try:
-        raw = base64.b64decode(text[len(prefix):], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"key is not valid base64: {text!r}") from None
-    if len(raw) != 32:
-        raise ValueError(f"an Ed25519 public key has 32 bytes, this one has {len(raw)}: {text!r}")
-    return raw
-
-
 @dataclass(frozen=True)
 class AppSection:
     name: str
@@ -108,7 +93,7 @@ class TrustSection:
 
     @property
     def raw_keys(self) -> tuple[bytes, ...]:
-        return tuple(decode_public_key(k) for k in self.keys)
+        return tuple(parse_public_key(k) for k in self.keys)
 
 
 @dataclass(frozen=True)
@@ -298,7 +283,7 @@ def _keys(value: Any) -> tuple[str, ...]:
     if not keys:
         raise ValueError("expected at least one trusted key, the list is empty")
     for key in keys:
-        decode_public_key(key)
+        parse_public_key(key)
     return keys
 
 

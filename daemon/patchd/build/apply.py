@@ -27,7 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from patchd.trust.bundle import (
+from patchd.trust import (
     BundleReader,
     DeleteOp,
     DeltaOp,

@@ -26,7 +26,7 @@ import structlog
 
 from patchd.core.errors import InstallCancelled
 from patchd.build.apply import apply_bundle
-from patchd.trust.bundle import (
+from patchd.trust import (
     BundleHeader,
     BundleReader,
     DeltaOp,

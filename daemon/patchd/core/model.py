@@ -14,11 +14,17 @@ from typing import Any
 
 _RELEASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+_ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def is_valid_release(text: object) -> bool:
     """A release is used as a directory name, so it must be a short, safe token."""
     return isinstance(text, str) and bool(_RELEASE_RE.match(text)) and text not in (".", "..")
+
+
+def is_valid_arch(text: object) -> bool:
+    """An architecture names a bundle in the manifest and in its header: a short token."""
+    return isinstance(text, str) and bool(_ARCH_RE.match(text))
 
 
 def is_sha256_hex(text: object) -> bool:

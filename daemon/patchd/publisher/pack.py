@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from patchd.core.errors import PackError, UnsafePath
 from patchd.core.fsio import fsync_dir
-from patchd.trust.bundle import (
+from patchd.trust import (
     BundleHeader,
     DeleteOp,
     DeltaOp,

@@ -39,7 +39,7 @@ from patchd.core.errors import BundleInvalid, UsageError
 from patchd.core.fsio import atomic_file, atomic_write_bytes
 from patchd.core.model import is_valid_release
 from patchd.publisher.pack import pack
-from patchd.trust.bundle import BundleHeader, read_header_unverified
+from patchd.trust import BundleHeader, read_header_unverified
 from patchd.trust.manifest import (
     BundleRef,
     FullEntry,

@@ -298,7 +298,7 @@ class Daemon:
         installer then verifies the signature and app/arch before writing anything.
         """
         from patchd.core.errors import BundleInvalid
-        from patchd.trust.bundle import read_header_unverified
+        from patchd.trust import read_header_unverified
 
         header = await anyio.to_thread.run_sync(read_header_unverified, path)
         build = Build(header.release, header.patch)

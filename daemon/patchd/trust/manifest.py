@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,12 +22,11 @@ from patchd.core.errors import (
     ManifestSignatureInvalid,
     SignatureInvalid,
 )
-from patchd.core.model import is_sha256_hex, is_valid_release, release_key
+from patchd.core.model import is_sha256_hex, is_valid_arch, is_valid_release, release_key
 from patchd.trust.signing import TrustedKeys, verify_document
 
 FORMAT = "patchd-manifest/1"
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
-_ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,7 @@ def _bundles(obj: dict[str, Any], where: str) -> tuple[BundleRef, ...]:
         w = f"{where}.bundles[{i}]"
         b = _obj(item, w)
         arch = _str(b, "arch", w)
-        if not _ARCH_RE.match(arch):
+        if not is_valid_arch(arch):
             raise _bad(f"{w}.arch", f"not a valid machine name: {arch!r:.40}")
         if any(o.arch == arch for o in out):
             raise _bad(f"{w}.arch", f"duplicate bundle for arch {arch!r}")
