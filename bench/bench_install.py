@@ -1,9 +1,9 @@
-"""Install benchmark: install() of a 1 %-changed patch vs ``cp -al`` + ``tar -x``.
+"""Install benchmark: materialise() of a 1 %-changed patch vs ``cp -al`` + ``tar -x``.
 
 Default: a 1 GiB, 20,000-file release with a patch bundle changing 1 % of its files.
 ``--small``: 100 MiB, 2,000 files. In the same run, on the same files and a warm
 cache, the baseline is ``cp -al base new`` plus extracting a tar of the changed files
-of the target into ``new``; install() runs in a child process (fresh state directory,
+of the target into ``new``; materialise() runs in a child process (fresh state directory,
 bundle already downloaded) that reports its own time and peak RSS (VmHWM). Each side
 runs ``--rounds`` times (default 3) and the best time counts.
 
@@ -39,7 +39,7 @@ import hashlib, logging, shutil, sys, time
 from pathlib import Path
 import structlog
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-from patchd.build.install import InstallRequest, install
+from patchd.build.install import InstallRequest, materialise
 from patchd.state.lifecycle import Lifecycle
 from patchd.core.model import Build
 from patchd.trust.signing import TrustedKeys
@@ -57,7 +57,8 @@ with Lifecycle.open(Path(state), Path(cache), Path(release)) as lc:
     req = InstallRequest(build=build, bundle=dest, kind="patch", app="bench", arch="x86_64",
                          trust=TrustedKeys.from_raw([bytes.fromhex(raw)], 1), clone=clone)
     t = time.perf_counter()
-    install(lc, req)
+    materialise(lc, req)
+    lc.promote_to_next_boot(req.build)  # as the updater does next
     elapsed = time.perf_counter() - t
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
 print(elapsed, int(hwm) * 1024)
@@ -136,7 +137,7 @@ def main() -> None:
         os.sync()
         base_times, inst_times, rss = [], [], 0
         for i in range(opts.rounds):
-            # Each side starts with nothing dirty: syncfs() inside install() must not be
+            # Each side starts with nothing dirty: syncfs() inside materialise() must not be
             # charged for flushing the previous round's removals.
             os.sync()
             base_times.append(baseline(base, tar, work / f"cp{i}"))

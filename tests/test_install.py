@@ -1,4 +1,4 @@
-"""Installing bundles through ``install()`` on real trees: every op kind and type change
+"""Installing bundles through ``materialise()`` on real trees: every op kind and type change
 with every clone method, hostile trees, strict verification, disk full, start-up sweep.
 
 After every install the SHA-256 listing of ``release_dir`` (content, modes, link targets)
@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from patchd.build import install as install_mod
-from patchd.build.install import clone_tree, install, verify_tree
+from patchd.build import clone as clone_mod
+from patchd.build.clone import clone_tree
+from patchd.build.install import materialise
+from patchd.build.verify import verify_tree
 from patchd.core.errors import BundleHashMismatch, BundleInvalid, DiskFull, UnsafePath, UsageError
 from patchd.core.model import Bad, BadReason, Build, Downloaded, Installed
 from patchd.state.lifecycle import Lifecycle
@@ -113,7 +115,8 @@ def _install_and_check(env: Env, bundle: Path, expected: dict, clone: str,  # ty
     before = listing_digest(env.release)
     with env.open() as lc:
         stage_download(lc, build, bundle)
-        result = install(lc, env.request(build, lc.download_path(build), kind, clone))  # type: ignore[arg-type]
+        result = materialise(lc, env.request(build, lc.download_path(build), kind, clone))  # type: ignore[arg-type]
+        lc.promote_to_next_boot(build)  # the updater's next step
         tree = lc.tree_path(build)
         assert lc.pointers.next_boot == build
         assert lc.boot_target() == (build, tree)
@@ -198,7 +201,7 @@ def test_full_bundle_of_the_os_release_is_refused(env: Env) -> None:
     bundle = env.pack(Build(R, 0), None, env.release)
     before = listing_digest(env.release)
     with env.open() as lc, pytest.raises(UsageError, match="never writes there"):
-        install(lc, env.request(Build(R, 0), bundle, kind="full"))
+        materialise(lc, env.request(Build(R, 0), bundle, kind="full"))
     assert listing_digest(env.release) == before
 
 
@@ -225,7 +228,7 @@ def _supports_reflink(directory: Path) -> bool:
     src = directory / ".reflink-src"
     src.write_bytes(b"x" * 4096)
     try:
-        return install_mod._try_reflink(src, directory)
+        return clone_mod._try_reflink(src, directory)
     finally:
         src.unlink()
 
@@ -284,8 +287,8 @@ def test_every_type_change_installs_with_reflink(reflink_dir: Path, clone: str) 
 ])
 def test_write_through_symlinked_base_dir_is_refused(env: Env, tmp_path: Path,
                                                      op: object) -> None:
-    """release_dir/data -> outside: a bundle writing data/… is refused, the build marked
-    bad, and nothing outside the tree is written or removed."""
+    """release_dir/data -> outside: a bundle writing data/… is refused (bad input, for the
+    updater to tombstone), and nothing outside the tree is written or removed."""
     outside = Path(tempfile.mkdtemp(dir="/tmp", prefix="patchd-outside-"))
     try:
         (outside / "x").write_bytes(b"outside file")
@@ -310,12 +313,10 @@ def test_write_through_symlinked_base_dir_is_refused(env: Env, tmp_path: Path,
         with env.open() as lc:
             stage_download(lc, B1, bundle)
             with pytest.raises(BundleInvalid) as info:
-                install(lc, env.request(B1, lc.download_path(B1)))
+                materialise(lc, env.request(B1, lc.download_path(B1)))
             assert isinstance(info.value, UnsafePath), info.value
-            state = lc.state(B1)
-            assert isinstance(state, Bad) and state.reason is BadReason.INVALID_BUNDLE
-            assert not lc.download_path(B1).exists()
-            assert lc.pointers.next_boot == Build(R, 0)
+            assert info.value.bad_reason == BadReason.INVALID_BUNDLE.value
+            _assert_left_for_the_updater(lc, env)
         assert listing(outside) == outside_before
         assert listing_digest(env.release) == before
         assert leftovers(env.state) == []
@@ -323,7 +324,7 @@ def test_write_through_symlinked_base_dir_is_refused(env: Env, tmp_path: Path,
         shutil.rmtree(outside)
 
 
-def test_corrupt_payload_marks_bad_and_keeps_release(env: Env) -> None:
+def test_corrupt_payload_is_refused_and_keeps_release(env: Env) -> None:
     """A payload whose hash does not match: hash_mismatch, no staging, release untouched."""
     write_tree(env.release, {"VERSION": ("file", b"1.0\n", 0o644), "a": ("file", b"a", 0o644)})
     op = file_op("a", b"good", 0)
@@ -333,11 +334,11 @@ def test_corrupt_payload_marks_bad_and_keeps_release(env: Env) -> None:
     before = listing_digest(env.release)
     with env.open() as lc:
         stage_download(lc, B1, bundle)
-        with pytest.raises(BundleHashMismatch):
-            install(lc, env.request(B1, lc.download_path(B1)))
-        state = lc.state(B1)
-        assert isinstance(state, Bad) and state.reason is BadReason.HASH_MISMATCH
+        with pytest.raises(BundleHashMismatch) as info:
+            materialise(lc, env.request(B1, lc.download_path(B1)))
+        assert info.value.bad_reason == BadReason.HASH_MISMATCH.value
         assert not (env.state / "builds" / R / "1" / "tree").exists()
+        _assert_left_for_the_updater(lc, env)
     assert listing_digest(env.release) == before
     assert leftovers(env.state) == []
 
@@ -395,7 +396,7 @@ def test_startup_removes_leftover_staging(env: Env) -> None:
         assert lc.download_path(B1).is_file()
     before = listing_digest(env.release)
     with env.open() as lc:
-        install(lc, env.request(B1, lc.download_path(B1), clone="hardlink"))
+        materialise(lc, env.request(B1, lc.download_path(B1), clone="hardlink"))
         assert listing(lc.tree_path(B1)) == expected
     assert listing_digest(env.release) == before
 
@@ -424,6 +425,15 @@ def _remount(mnt: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(mnt)], check=True)
 
 
+def _assert_left_for_the_updater(lc: Lifecycle, env: Env) -> None:
+    """Bad input leaves no trace of the install: the state, the download and next_boot
+    are as before, so the one caller that judges bad input (the updater) decides."""
+    assert leftovers(env.state) == []
+    assert isinstance(lc.state(B1), Downloaded)
+    assert lc.download_path(B1).is_file()
+    assert lc.pointers.next_boot == Build(R, 0)
+
+
 def _assert_clean_abort(lc: Lifecycle, env: Env) -> None:
     """Nothing of the install remains; the download is kept and the attempt not counted."""
     assert leftovers(env.state) == []
@@ -447,11 +457,11 @@ def test_disk_full_refused_up_front_then_succeeds(env: Env, small_tmpfs: Path) -
         stage_download(lc, B1, bundle)
         free_before = os.statvfs(small_tmpfs).f_bfree
         with pytest.raises(DiskFull, match="bytes free"):
-            install(lc, env.request(B1, lc.download_path(B1)))
+            materialise(lc, env.request(B1, lc.download_path(B1)))
         _assert_clean_abort(lc, env)
         assert os.statvfs(small_tmpfs).f_bfree == free_before
         _remount(small_tmpfs, "size=16m")
-        install(lc, env.request(B1, lc.download_path(B1)))
+        materialise(lc, env.request(B1, lc.download_path(B1)))
         assert listing(lc.tree_path(B1)) == expected
     assert listing_digest(env.release) == before
 
@@ -474,12 +484,12 @@ def test_disk_full_while_writing_then_succeeds_after_freeing(env: Env,
             (filler / str(len(os.listdir(filler)))).touch()
         inodes_before = os.statvfs(small_tmpfs).f_ffree
         with pytest.raises(DiskFull) as info:
-            install(lc, env.request(B1, lc.download_path(B1)))
+            materialise(lc, env.request(B1, lc.download_path(B1)))
         assert "bytes free" not in str(info.value), "the up-front check was not meant to fire"
         _assert_clean_abort(lc, env)
         assert os.statvfs(small_tmpfs).f_ffree == inodes_before
         shutil.rmtree(filler)
-        install(lc, env.request(B1, lc.download_path(B1)))
+        materialise(lc, env.request(B1, lc.download_path(B1)))
         assert listing(lc.tree_path(B1)) == expected
 
 
@@ -501,7 +511,7 @@ def _install_as_nobody(env: Env, bundle: Path) -> int:
             os.setgid(NOBODY)
             os.setuid(NOBODY)
             with env.open() as lc:
-                install(lc, env.request(B1, bundle))
+                materialise(lc, env.request(B1, bundle))
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -540,7 +550,7 @@ def test_unprivileged_install_writes_into_read_only_release_dirs() -> None:
             assert _install_as_nobody(env, download) == 0
         else:
             with env.open() as lc:
-                install(lc, env.request(B1, download))
+                materialise(lc, env.request(B1, download))
         with env.open() as lc:
             tree = lc.tree_path(B1)
             assert lc.pointers.next_boot == B1
@@ -564,8 +574,8 @@ def test_copy_clone_counts_the_base_in_the_free_space_check(env: Env,
     with env.open() as lc:
         stage_download(lc, B1, bundle)
         with pytest.raises(DiskFull, match="bytes free"):
-            install(lc, env.request(B1, lc.download_path(B1)))
+            materialise(lc, env.request(B1, lc.download_path(B1)))
         _assert_clean_abort(lc, env)
         _remount(small_tmpfs, "size=16m")
-        install(lc, env.request(B1, lc.download_path(B1)))
+        materialise(lc, env.request(B1, lc.download_path(B1)))
         assert listing(lc.tree_path(B1)) == expected

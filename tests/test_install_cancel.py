@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.build.install import install
+from patchd.build.install import materialise
 from patchd.core.errors import InstallCancelled
 from patchd.core.model import Build, Downloaded, Installed
 from support.install_child import leftovers, listing_digest, make_env, stage_download
@@ -38,12 +38,12 @@ def test_cancelled_install_leaves_no_staging_and_counts_no_attempt(tmp_path: Pat
     with env.open() as lc:
         stage_download(lc, B1, bundle)
         with pytest.raises(InstallCancelled):
-            install(lc, env.request(B1, lc.download_path(B1)), stop_after_five)
+            materialise(lc, env.request(B1, lc.download_path(B1)), stop_after_five)
         state = lc.state(B1)
         assert isinstance(state, Downloaded) and state.attempts == 0
         assert lc.download_path(B1).is_file()
         assert leftovers(env.state) == []
         assert not lc.tree_path(B1).exists()
-        install(lc, env.request(B1, lc.download_path(B1)))
+        materialise(lc, env.request(B1, lc.download_path(B1)))
         assert isinstance(lc.state(B1), Installed)
     assert listing_digest(env.release) == before

@@ -1,4 +1,4 @@
-"""Crash safety of install(): a child installing a bundle is SIGKILLed at random instants;
+"""Crash safety of materialise(): a child installing a bundle is SIGKILLed at random instants;
 after each kill the reopened store holds no staging junk and no temp files, and the
 next attempt installs a tree identical (bytes, modes, links) to the expected one.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.build.install import install
+from patchd.build.install import materialise
 from patchd.core.model import Build, Downloaded, Installed
 from patchd.host.process import FAILPOINT_EXIT
 from patchd.trust.signing import public_raw
@@ -97,7 +97,7 @@ def test_sigkill_during_install_leaves_no_junk_and_retry_is_exact(tmp_path: Path
     bundle = env.pack(B1, env.release, target)
     release_digest = listing_digest(env.release)
 
-    # One uninterrupted run measures how long install() takes in the child.
+    # One uninterrupted run measures how long materialise() takes in the child.
     _fresh_round(env, bundle, 0)
     with _spawn(env, bundle) as proc:
         _wait_line(proc, b"ready", 30)
@@ -127,7 +127,8 @@ def test_sigkill_during_install_leaves_no_junk_and_retry_is_exact(tmp_path: Path
                 assert not (env.state / "builds" / R / "1" / "tree").exists()
                 assert lc.download_path(B1).is_file()
                 assert lc.pointers.next_boot == Build(R, 0)
-                install(lc, env.request(B1, lc.download_path(B1), clone="hardlink"))
+                materialise(lc, env.request(B1, lc.download_path(B1), clone="hardlink"))
+                lc.promote_to_next_boot(B1)  # as the updater does next
             assert listing(lc.tree_path(B1)) == expected, f"round {i}"
             assert lc.pointers.next_boot == B1
         assert leftovers(env.state) == []

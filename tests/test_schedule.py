@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from patchd.service.daemon import MIN_BACKOFF, backoff_delay, first_check_delay, jittered
+from patchd.service.schedule import MIN_BACKOFF, backoff_delay, first_check_delay, jittered
 
 
 @given(st.integers(1, 40), st.floats(10, 86400), st.integers(0, 2**32))

@@ -331,7 +331,7 @@ def test_clone_into_the_sandboxed_state_dir(tmp_path: Path) -> None:
     # same st_dev as release_dir, but a different mount.
     script = (
         f"mount --bind {state} {state} && exec {sys.executable} -c "
-        f"'from patchd.build.install import clone_tree; from pathlib import Path; "
+        f"'from patchd.build.clone import clone_tree; from pathlib import Path; "
         f'print(clone_tree(Path("{release}"), Path("{state}/tree")))\''
     )
     result = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True)

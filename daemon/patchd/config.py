@@ -1,4 +1,4 @@
-"""The config file (SPEC §6): parsed with tomllib, validated completely, defaults filled in.
+"""The config file (docs/config.md): parsed with tomllib, validated completely, defaults filled in.
 
 Every problem names the file, the key and what was expected, and all problems are
 reported at once so an operator fixes a config in one round. The result is a frozen

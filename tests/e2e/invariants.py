@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchd.build.install import verify_tree
+from patchd.build.verify import verify_tree
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.core.model import Bad, Build, Downloaded, Downloading, Installed, State, state_from_json
 from patchd.state.lifecycle import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TREE_DIR, Pointers

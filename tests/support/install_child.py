@@ -3,7 +3,7 @@ tree listings — and, run as a script, a child process that installs one bundle
 
 ``python install_child.py STATE CACHE RELEASE_DIR BUNDLE RELEASE PATCH KIND CLONE PUBHEX``
 opens the lifecycle (its start-up sweep runs), prints ``ready`` once it is about to call
-``install()``, installs, then prints ``done``. The crash test SIGKILLs it in between.
+``materialise()``, installs, then prints ``done``. The crash test SIGKILLs it in between.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Any
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patchd.build.install import CloneMode, InstallRequest, install
+from patchd.build.clone import CloneMode
+from patchd.build.install import InstallRequest, materialise
 from patchd.core.model import Build
 from patchd.publisher.pack import pack
 from patchd.state.lifecycle import Lifecycle
@@ -134,7 +135,8 @@ def main(argv: list[str]) -> int:
                              app=APP, arch=ARCH, trust=trust,
                              clone=clone)  # type: ignore[arg-type]
         print("ready", flush=True)
-        install(lc, req)
+        materialise(lc, req)
+        lc.promote_to_next_boot(req.build)  # as the updater does next
     print("done", flush=True)
     return 0
 

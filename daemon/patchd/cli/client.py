@@ -1,7 +1,8 @@
-"""The CLI's client side (SPEC §5): status, watch, check, install, rollback, boot.
+"""The CLI's client side: status, watch, check, install, rollback, boot.
 
 Each command is one or two varlink calls through the blocking client; every failure is
-one line on stderr (the CLI's main prints ``PatchdError`` messages) and exit code 1.
+one line on stderr (the CLI's main prints ``PatchdError`` messages); an error reply
+becomes the error table's line for it (``patchd.core.errors.SOCKET_ERRORS``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from patchd.core.errors import CommandFailed, UsageError
+from patchd.core.errors import (
+    CommandFailed,
+    UsageError,
+    activity_line,
+    describe_socket_error,
+)
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink.client import VarlinkClient
 from patchd.varlink.protocol import VarlinkError
@@ -40,33 +46,13 @@ def socket_path(app: str | None, explicit: Path | None) -> Path:
     raise UsageError(f"name the app: several are managed here ({names})")
 
 
-def _describe(exc: VarlinkError) -> str:
-    short = exc.name.rpartition(".")[2]
-    p = exc.parameters
-    if short == "NotBootTarget":
-        return (f"not the boot target: expected {_build(p.get('expected'))}, "
-                f"got {_build(p.get('got'))}")
-    if short == "NotAuthorized":
-        return f"not authorised to call {p.get('method')} (ask for boot.reporters or api.admins)"
-    if short == "UpdateFailed":
-        kind = "transient, will be retried" if p.get("transient") else "not retried"
-        return f"update failed ({kind}): {p.get('reason')}"
-    if short == "InvalidBundle":
-        return f"invalid bundle: {p.get('reason')}"
-    if short == "Busy":
-        return f"busy: {_activity_line(p.get('activity') or {})}"
-    if p:
-        return f"{exc.name}: {json.dumps(p, sort_keys=True)}"
-    return exc.name
-
-
 def call(path: Path, method: str, params: dict[str, Any] | None = None,
          timeout: float | None = 600) -> dict[str, Any]:
     try:
         with VarlinkClient(path, timeout=timeout) as client:
             return client.call(f"{INTERFACE_NAME}.{method}", params or {})
     except VarlinkError as exc:
-        raise CommandFailed(_describe(exc)) from None
+        raise describe_socket_error(exc.name, exc.parameters) from None
 
 
 def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
@@ -75,7 +61,7 @@ def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
             for reply in client.stream(f"{INTERFACE_NAME}.WatchActivity", {}, timeout=None):
                 yield reply["activity"]
     except VarlinkError as exc:
-        raise CommandFailed(_describe(exc)) from None
+        raise describe_socket_error(exc.name, exc.parameters) from None
 
 
 def _build(obj: Any) -> str:
@@ -93,32 +79,12 @@ def parse_build(text: str | None) -> dict[str, Any] | None:
     return {"release": release, "patch": int(patch)}
 
 
-def _activity_line(a: dict[str, Any]) -> str:
-    phase = a.get("phase", "idle")
-    if phase == "idle" or not a.get("build"):
-        return str(phase)
-    done, total = a.get("done", 0), a.get("total", 0)
-    line = f"{phase} {_build(a.get('build'))}"
-    if total:
-        line += f": {100 * done // total}% ({_size(done)} of {_size(total)})"
-    return line
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
-
-
 def _bar(a: dict[str, Any], width: int = 30) -> str:
     total = a.get("total") or 0
     if not total or a.get("phase") == "idle":
-        return _activity_line(a)
+        return activity_line(a)
     filled = width * a.get("done", 0) // total
-    return f"[{'#' * filled}{'.' * (width - filled)}] {_activity_line(a)}"
+    return f"[{'#' * filled}{'.' * (width - filled)}] {activity_line(a)}"
 
 
 # --- commands ------------------------------------------------------------------------
@@ -134,7 +100,7 @@ def status(args: argparse.Namespace) -> int:
     print(f"  last booted:  {_build(reply.get('last_booted'))}")
     if reply.get("currently_booting"):
         print(f"  booting now:  {_build(reply['currently_booting'])}")
-    print(f"  activity:     {_activity_line(reply['activity'])}")
+    print(f"  activity:     {activity_line(reply['activity'])}")
     print(f"  last check:   {reply.get('last_check') or 'never'}"
           f"; next check: {reply.get('next_check') or 'unscheduled'}")
     if reply.get("last_error"):

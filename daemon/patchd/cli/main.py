@@ -1,4 +1,4 @@
-"""The ``patchd`` command line (SPEC §5): parsing, dispatch, and the one-line error rule.
+"""The ``patchd`` command line (docs/cli.md): parsing, dispatch, and the one-line error rule.
 
 Handlers live in the modules that own their subject and are imported lazily, so
 ``patchd boot start`` in an app's launcher does not pay for importing the daemon.

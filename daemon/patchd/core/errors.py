@@ -361,13 +361,13 @@ def activity_line(a: Mapping[str, Any]) -> str:
 
 
 def size_text(n: int) -> str:
-    """``512 B``, ``37.5 KiB``, ``1.2 GiB``: sizes as the CLI prints them."""
+    """``512 B``, ``37.5 KB``, ``1.2 GB``: sizes as the CLI prints them (decimal units)."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def _hook(fn: Any) -> Any:
 
 
 def check_rel_path(path: object) -> tuple[str, ...]:
-    """Validate a bundle path (SPEC §2.3) and return its parts.
+    """Validate a bundle path (docs/formats.md) and return its parts.
 
     Relative, ``/``-separated, normalised: no ``.``, ``..``, empty part, leading ``/``,
     NUL or backslash, at most 4096 bytes. Whether it passes through a symlink of the

@@ -1,6 +1,6 @@
 """The vocabulary of patchd: builds, release ordering and the four lifecycle states.
 
-Everything here is pure data with exact JSON forms (SPEC §3.2, §3.3), so the lifecycle,
+Everything here is pure data with exact JSON forms (docs/lifecycle.md), so the lifecycle,
 the socket and the tests share one definition of what a state file may contain.
 """
 
@@ -83,7 +83,7 @@ class Build:
 
 
 class BadReason(StrEnum):
-    """Why a build was tombstoned; the values are the SPEC's and appear in logs and events."""
+    """Why a build was tombstoned; the values (docs/lifecycle.md) appear in logs and events."""
 
     INVALID_BUNDLE = "invalid_bundle"
     HASH_MISMATCH = "hash_mismatch"

@@ -1,4 +1,4 @@
-"""argparse glue for the publisher's commands: keygen, pack, publish (SPEC §5)."""
+"""argparse glue for the publisher's commands: keygen, pack, publish (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Write a bundle (SPEC §2.3) that turns a base tree into a target tree.
+"""Write a bundle (docs/formats.md) that turns a base tree into a target tree.
 
 Two passes, because the signed header listing every op and hash must be the first
 member: pass one walks both trees (sorted), hashes files and decides each op, spooling

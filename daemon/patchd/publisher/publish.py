@@ -13,7 +13,7 @@ which is harmless by design: the client logs it, keeps what it has and gets the
 consistent pair at its next poll. Signature first means the manifest a client reads is
 never newer than the newest signature, so the window closes with the manifest rename.
 
-CLI arguments expected (SPEC §5):
+CLI arguments expected (docs/cli.md):
   keygen  -o KEYFILE                          → keygen(out)
   pack    --app A --release R (--patch N | --full) [--base DIR] --target DIR
           --key KEYFILE... [--arch ARCH, default any] [--no-delta] -o BUNDLE

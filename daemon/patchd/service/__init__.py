@@ -1,1 +1,13 @@
-"""TODO"""
+"""The daemon of one app: who runs what, when, and how the outside world reaches it.
+
+``daemon`` wires the parts and owns every task; ``jobs`` is the one owner of every job
+that changes state (updates, installs, rollbacks) and the source of the activity
+board; ``checks`` polls and answers CheckNow; ``updater`` carries out one update
+(decide, fetch, install, promote, report); ``boot`` keeps the boot protocol; ``api``
+maps the varlink interface onto a narrow protocol of the daemon; ``events`` queues and
+sends fleet events; ``schedule`` holds the pure timing rules.
+"""
+
+from patchd.service.daemon import Daemon, run_command
+
+__all__ = ["Daemon", "run_command"]

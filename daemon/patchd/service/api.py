@@ -1,33 +1,38 @@
-"""``io.patchd.Updater`` (SPEC §4): the socket methods, mapped onto the running daemon.
+"""``io.patchd.Updater``: the socket methods, mapped onto the running daemon.
 
-Parameters are validated here, authorisation is decided here from the peer's
-credentials, and patchd's own errors are translated to the interface's errors. The
-protocol itself (framing, limits, introspection) is ``varlink.py``'s.
+Parameters are validated here and authorisation is decided here from the peer's
+credentials. What a method does is the daemon's (through the narrow
+:class:`Operations` protocol, not the ``Daemon`` class), and how a patchd error is
+answered is the error table's (``patchd.core.errors.SOCKET_ERRORS``). The protocol
+itself (framing, limits, introspection) is ``patchd.varlink``'s.
+
+Socket-group policy: when ``api.socket_group`` does not exist or the daemon may not
+hand the socket to it, the daemon still starts, keeps its own group on the socket and
+logs ``api.socket_group_unusable`` with what to do; it never refuses to start, so a
+host can always report boots as root.
 """
 
 from __future__ import annotations
 
+import functools
+import grp
 import os
 import pwd
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 
 from patchd import __version__
-from patchd.core.errors import (
-    BadInputError,
-    LifecycleError,
-    NotBootTarget,
-    PatchdError,
-    TransientError,
-)
+from patchd.core.errors import INTERNAL_ERROR, NotAuthorized, PatchdError, to_socket_error
 from patchd.core.model import Build
 from patchd.host import process
+from patchd.service.activity import ActivityBoard
 from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
+from patchd.trust import Decision
 from patchd.varlink.protocol import (
     Call,
     InvalidParameter,
@@ -38,7 +43,10 @@ from patchd.varlink.protocol import (
 )
 
 if TYPE_CHECKING:
-    from patchd.service.daemon import Daemon
+    from patchd.config import Config
+
+__all__ = ["ADMINS", "ANYONE", "REPORTERS", "BootOperations", "Operations", "UpdaterApi",
+           "authorized", "serve_api"]
 
 log = structlog.get_logger("patchd.service.api")
 
@@ -49,8 +57,28 @@ ADMINS = frozenset({"CheckNow", "Install", "Rollback"})
 WATCH_MAX_RATE = 10.0
 
 
-def error(name: str, **parameters: Any) -> VarlinkError:
-    return VarlinkError(f"{INTERFACE_NAME}.{name}", parameters)
+class BootOperations(Protocol):
+    """The boot protocol, as the socket needs it (``service.boot.BootKeeper``)."""
+
+    async def target(self) -> tuple[Build, Path]: ...
+    async def start(self, build: Build | None, pid: int | None) -> tuple[Build, Path]: ...
+    def success(self, build: Build | None) -> Build: ...
+    def failure(self, build: Build | None, reason: str | None) -> Build: ...
+
+
+class Operations(Protocol):
+    """Everything the socket API needs from the daemon, and nothing more."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def board(self) -> ActivityBoard: ...
+    @property
+    def boot(self) -> BootOperations: ...
+    def status(self) -> dict[str, Any]: ...
+    async def check_now(self) -> Decision: ...
+    async def install(self, path: Path) -> Build: ...
+    async def rollback(self) -> Build: ...
 
 
 def _user_name(uid: int) -> str | None:
@@ -62,7 +90,7 @@ def _user_name(uid: int) -> str | None:
 
 def authorized(method: str, uid: int, reporters: tuple[str, ...], admins: tuple[str, ...],
                own_uid: int) -> bool:
-    """SPEC §4: reads for anyone on the socket; boots for reporters; changes for admins.
+    """Reads for anyone on the socket; boots for reporters; changes for admins.
 
     root and the daemon's own user may do everything (the daemon's user can edit its
     state directly anyway, so refusing it would protect nothing).
@@ -78,6 +106,28 @@ def authorized(method: str, uid: int, reporters: tuple[str, ...], admins: tuple[
     return False
 
 
+def _socket_error(exc: PatchdError) -> VarlinkError:
+    return VarlinkError(*to_socket_error(exc))
+
+
+Handler = Callable[["UpdaterApi", Call], Awaitable[dict[str, Any]]]
+
+
+def _answers_errors(handler: Handler) -> Handler:
+    """patchd's errors leave the handler as the interface error the table names."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: UpdaterApi, call: Call) -> dict[str, Any]:
+        try:
+            return await handler(self, call)
+        except VarlinkError:
+            raise  # already the protocol's answer (InvalidParameter)
+        except PatchdError as exc:
+            raise _socket_error(exc) from None
+
+    return wrapper
+
+
 def build_param(call: Call, key: str = "build", required: bool = False) -> Build | None:
     value = call.parameters.get(key)
     if value is None:
@@ -90,24 +140,14 @@ def build_param(call: Call, key: str = "build", required: bool = False) -> Build
         raise InvalidParameter(key) from None
 
 
-def _optional(build: Build | None) -> dict[str, Any] | None:
-    return build.to_json() if build is not None else None
-
-
-def build_info(build: Build, state: Any) -> dict[str, Any]:
-    reason = getattr(state, "reason", None)
-    size = getattr(state, "size", None)
-    return {"build": build.to_json(), "state": state.name,
-            "reason": reason.value if reason is not None else None, "size": size}
-
-
 class UpdaterApi:
     """Handlers of io.patchd.Updater for one daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-        #: The last GetBootTarget reply and the pointers object it was computed from.
-        self._target: tuple[object, dict[str, Any]] | None = None
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+
+    def __repr__(self) -> str:
+        return f"<UpdaterApi {self.ops!r}>"
 
     def methods(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
@@ -115,141 +155,66 @@ class UpdaterApi:
                  "CheckNow", "Install", "Rollback", "WatchActivity")}
 
     def authorize(self, method: str, peer: PeerCred) -> bool:
-        cfg = self.d.config
+        cfg = self.ops.config
         if not authorized(method, peer.uid, cfg.boot.reporters, cfg.api.admins, os.geteuid()):
             log.warning("api.not_authorized", method=method, uid=peer.uid, pid=peer.pid)
-            raise error("NotAuthorized", method=method)
+            raise _socket_error(NotAuthorized(method))
         return True
 
+    @_answers_errors
     async def GetStatus(self, call: Call) -> dict[str, Any]:
-        d = self.d
-        with d.lock:
-            p = d.lifecycle.pointers
-            builds = [build_info(b, s) for b, s in d.lifecycle.builds()]
-        return {"app": d.config.app.name, "channel": d.config.server.channel,
-                "release": p.release, "next_boot": p.next_boot.to_json(),
-                "last_booted": _optional(p.last_booted),
-                "currently_booting": _optional(p.currently_booting),
-                "builds": builds, "activity": d.board.current.to_json(),
-                "last_check": d.last_check, "next_check": d.next_check,
-                "last_error": d.last_error}
+        return self.ops.status()
 
+    @_answers_errors
     async def GetBootTarget(self, call: Call) -> dict[str, Any]:
-        """The hot path of every host start (and of launchers polling it).
-
-        With no breadcrumb there is nothing to resolve and, unless ``verify = "strict"``,
-        nothing to check, so the answer is in memory: it is cached against the pointers
-        object it came from (the lifecycle replaces that object on every write). The
-        worker-thread path, which may read and write state files, is only for a boot in
-        progress, strict verification, or a lock held by another thread.
-        """
-        d = self.d
-        pointers = d.lifecycle.pointers
-        if pointers.currently_booting is None and d.config.trust.verify != "strict":
-            cached = self._target
-            if cached is not None and cached[0] is pointers:
-                return cached[1]
-            if d.lock.acquire(blocking=False):
-                try:
-                    pointers = d.lifecycle.pointers
-                    if pointers.currently_booting is None:
-                        build, path = d.lifecycle.boot_target()
-                        reply = {"build": build.to_json(), "path": str(path)}
-                        self._target = (pointers, reply)
-                        return reply
-                finally:
-                    d.lock.release()
-        build, path = await anyio.to_thread.run_sync(d.boot_target)
+        build, path = await self.ops.boot.target()
         return {"build": build.to_json(), "path": str(path)}
 
+    @_answers_errors
     async def BootStart(self, call: Call) -> dict[str, Any]:
         build = build_param(call)
         pid = call.parameters.get("pid")
         if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)
                                 or not 0 < pid <= process.PID_MAX):
             raise InvalidParameter("pid")
-        pid_start = process.pid_start_time(pid) if pid is not None else None
-        await anyio.to_thread.run_sync(self.d.boot_target)  # stale breadcrumb, strict check
-        with self.d.lock:
-            try:
-                booted, path = self.d.lifecycle.record_boot_start(build, pid, pid_start)
-            except NotBootTarget as exc:
-                raise error("NotBootTarget", expected=exc.expected.to_json(),
-                            got=exc.got.to_json()) from None
-        self.d.boot_started(booted, pid)
-        log.info("boot.started", release=booted.release, patch=booted.patch, pid=pid)
+        booted, path = await self.ops.boot.start(build, pid)
         return {"build": booted.to_json(), "path": str(path)}
 
+    @_answers_errors
     async def BootSuccess(self, call: Call) -> dict[str, Any]:
-        build = build_param(call)
-        with self.d.lock:
-            booted = self._booting(lambda: self.d.lifecycle.record_boot_success(build))
-        self.d.boot_finished()
-        log.info("boot.success", release=booted.release, patch=booted.patch)
+        self.ops.boot.success(build_param(call))
         return {}
 
+    @_answers_errors
     async def BootFailure(self, call: Call) -> dict[str, Any]:
-        from patchd.core.model import BadReason
-
         build = build_param(call)
         reason = call.parameters.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise InvalidParameter("reason")
-        with self.d.lock:
-            failed = self._booting(lambda: self.d.lifecycle.record_boot_failure(
-                build, BadReason.BOOT_FAILURE, reason or "reported by the host"))
-        self.d.boot_finished()
-        log.warning("boot.failure_reported", release=failed.release, patch=failed.patch,
-                    reason=reason)
+        self.ops.boot.failure(build, reason)
         return {}
 
-    def _booting(self, transition: Any) -> Build:
-        try:
-            result: Build = transition()
-            return result
-        except NotBootTarget as exc:
-            raise error("NotBootTarget", expected=exc.expected.to_json(),
-                        got=exc.got.to_json()) from None
-        except LifecycleError as exc:
-            raise error("UpdateFailed", reason=str(exc), transient=False) from None
-
+    @_answers_errors
     async def CheckNow(self, call: Call) -> dict[str, Any]:
-        try:
-            decision = await self.d.check_now()
-        except PatchdError as exc:
-            raise error("UpdateFailed", reason=str(exc),
-                        transient=isinstance(exc, TransientError)) from None
+        decision = await self.ops.check_now()
         return {"strategy": decision.kind,
                 "build": decision.build.to_json() if decision.build else None}
 
+    @_answers_errors
     async def Install(self, call: Call) -> dict[str, Any]:
         path = call.parameters.get("path")
         if not isinstance(path, str) or not path.startswith("/"):
             raise InvalidParameter("path")
-        if self.d.busy or self.d.board.current.phase != "idle":
-            raise error("Busy", activity=self.d.board.current.to_json())
-        try:
-            build = await self.d.install_local(Path(path))
-        except BadInputError as exc:
-            raise error("InvalidBundle", reason=str(exc)) from None
-        except PatchdError as exc:
-            raise error("UpdateFailed", reason=str(exc),
-                        transient=isinstance(exc, TransientError)) from None
-        except OSError as exc:
-            raise error("InvalidBundle", reason=f"{path}: {exc.strerror}") from None
+        build = await self.ops.install(Path(path))
         return {"build": build.to_json()}
 
+    @_answers_errors
     async def Rollback(self, call: Call) -> dict[str, Any]:
-        with self.d.lock:
-            try:
-                build = self.d.lifecycle.manual_rollback()
-            except LifecycleError as exc:
-                raise error("UpdateFailed", reason=str(exc), transient=False) from None
-        log.warning("rollback.manual", to=str(build))
+        build = await self.ops.rollback()
         return {"build": build.to_json()}
 
     async def WatchActivity(self, call: Call) -> AsyncIterator[dict[str, Any]]:
-        board = self.d.board
+        board = self.ops.board
         version, activity = board.version, board.current
         yield {"activity": activity.to_json()}
         if not call.more:
@@ -260,23 +225,20 @@ class UpdaterApi:
             await anyio.sleep(1 / WATCH_MAX_RATE)  # coalesce bursts of progress
 
 
-
-async def serve_api(daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                    ) -> None:
+async def serve_api(ops: Operations, *,
+                    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve the daemon's socket; ``started`` once it listens."""
-    api = UpdaterApi(daemon)
+    api = UpdaterApi(ops)
     # An unexpected failure in a handler is answered with a declared error (so clients
     # generated from the interface recognise it), not org.varlink.service's.
+    internal_name, internal_parameters = INTERNAL_ERROR
     service = VarlinkService(vendor="patchd", product="patchd", version=__version__,
                              url="https://github.com/patchd/patchd", authorize=api.authorize,
-                             internal_error=f"{INTERFACE_NAME}.UpdateFailed",
-                             internal_error_parameters={
-                                 "reason": "internal error in patchd; see the daemon's log",
-                                 "transient": False})
-    service.add_interface(INTERFACE_NAME, INTERFACE_TEXT, api.methods(),
-                          requires_more=())
-    cfg = daemon.config
-    daemon.config.paths.socket.parent.mkdir(parents=True, exist_ok=True)
+                             internal_error=f"{INTERFACE_NAME}.{internal_name}",
+                             internal_error_parameters=internal_parameters)
+    service.add_interface(INTERFACE_NAME, INTERFACE_TEXT, api.methods(), requires_more=())
+    cfg = ops.config
+    cfg.paths.socket.parent.mkdir(parents=True, exist_ok=True)
     group = cfg.api.socket_group if _usable_group(cfg.api.socket_group) else None
     if group is None:
         log.warning("api.socket_group_unusable", group=cfg.api.socket_group,
@@ -289,8 +251,6 @@ async def serve_api(daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TAS
 
 def _usable_group(name: str) -> bool:
     """The group exists and we may give the socket to it (root, or we are a member)."""
-    import grp
-
     try:
         gid = grp.getgrnam(name).gr_gid
     except KeyError:

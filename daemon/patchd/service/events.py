@@ -1,4 +1,4 @@
-"""The durable queue of events for the server (SPEC §3.5) and the batch sender.
+"""The durable queue of events for the server (docs/lifecycle.md) and the batch sender.
 
 Events record what happened on the host (installs, boots, rollbacks) for a fleet view.
 They must survive restarts and network outages, yet never grow without bound: the

@@ -1,4 +1,4 @@
-"""The io.patchd.Updater varlink interface description, exactly as SPEC §4 states it.
+"""The io.patchd.Updater varlink interface description, exactly as docs/socket.md states it.
 
 ``GetInterfaceDescription`` returns this text verbatim, so generic varlink clients
 (Python ``varlink``, ``varlinkctl``) can introspect and call the daemon. It is data, not

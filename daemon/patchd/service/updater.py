@@ -1,58 +1,84 @@
-"""One update: check the manifest, decide, download, verify and install (SPEC §3.4).
+"""One update: check the manifest and decide; then fetch, install, promote, report.
 
 The :class:`Updater` carries out what ``strategy.decide`` and ``Lifecycle.decide_start``
-say; it never edits state files itself. Errors leave by class: a ``BadInputError`` has
-already tombstoned the build when it propagates, a ``TransientError`` kept whatever
-partial data there was, a ``ConfigError`` changed nothing.
+say; it never edits state files itself. :meth:`Updater.perform` reads top to bottom —
+decide the start → fetch → install (materialise the tree) → promote → event — and is the
+one place that decides what bad input means: a downloaded bundle that turns out bad is
+tombstoned; an operator's file (:meth:`Updater.install_local`) is only refused, or one
+corrupt USB stick would ban a good patch. Other errors leave by class: a
+``TransientError`` kept whatever partial data there was, a ``ConfigError`` changed
+nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, Protocol
 
 import anyio
 import structlog
 
-from patchd.build.install import InstallRequest, install
+from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
 from patchd.core.errors import BadInputError
 from patchd.core.model import Bad, BadReason, Build
 from patchd.fetch.download import remove_download, verify_file
 from patchd.fetch.sources import Source
-from patchd.service.activity import ActivityBoard
 from patchd.service.events import EventQueue
 from patchd.state.client_state import ClientState, accepted, save_client_state
 from patchd.state.lifecycle import Action, Lifecycle
-from patchd.trust.manifest import Manifest, verify_manifest
-from patchd.trust.signing import TrustedKeys
-from patchd.trust.strategy import Decision, HostView, decide, rolled_back_builds
+from patchd.trust import (
+    BundleRef,
+    Decision,
+    HostView,
+    Manifest,
+    TrustedKeys,
+    decide,
+    rolled_back_builds,
+    verify_manifest,
+)
+
+__all__ = ["Progress", "Updater"]
 
 log = structlog.get_logger("patchd.service.updater")
 
 
-class Updater:
-    """Checks and updates for one app; the supervisor owns the tasks that call it.
+class Progress(Protocol):
+    """Where an update shows its phase (the running job, on the activity board)."""
 
-    ``lock`` makes multi-step lifecycle reads consistent against the installer's worker
-    thread (the lifecycle's own lock, reentrant).
+    def show(self, phase: str, build: Build | None = None, done: int = 0,
+             total: int = 0) -> None: ...
+
+    def progress(self, done: int, total: int) -> None: ...
+
+
+class Updater:
+    """Checks and updates for one app; the job runner owns the tasks that call it.
+
+    Lifecycle calls take the lifecycle's own (reentrant) lock, so multi-step reads stay
+    consistent against the installer's worker thread.
     """
 
     def __init__(self, config: Config, lifecycle: Lifecycle, client: ClientState,
-                 events: EventQueue, board: ActivityBoard, lock: threading.RLock) -> None:
+                 events: EventQueue) -> None:
         self.config = config
         self.lifecycle = lifecycle
         self.client = client
         self.events = events
-        self.board = board
-        self.lock = lock
         self._manifest: tuple[bytes, bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Updater {self.config.app.name} serial={self.client.manifest_serial}>"
 
     @property
     def trust(self) -> TrustedKeys:
         return TrustedKeys.from_raw(list(self.config.trust.raw_keys), self.config.trust.threshold)
+
+    def forget_manifest(self) -> None:
+        """The next check fetches the manifest unconditionally (the source changed)."""
+        self._manifest = None
 
     # --- check -----------------------------------------------------------------------
 
@@ -81,9 +107,9 @@ class Updater:
         return manifest
 
     def apply_rollbacks(self, manifest: Manifest) -> list[Build]:
-        """Forget builds the server rolled back (SPEC §3.2); tombstones stay."""
+        """Forget builds the server rolled back; tombstones stay."""
         forgotten = []
-        with self.lock:
+        with self.lifecycle.lock:
             for build in rolled_back_builds(manifest, self.lifecycle.release):
                 state = self.lifecycle.state(build)
                 if state is None or isinstance(state, Bad):
@@ -96,7 +122,7 @@ class Updater:
         return forgotten
 
     def decide(self, manifest: Manifest) -> Decision:
-        with self.lock:
+        with self.lifecycle.lock:
             pointers = self.lifecycle.pointers
             view = HostView(release=pointers.release, next_boot=pointers.next_boot,
                             bad=frozenset(self.lifecycle.bad_builds()),
@@ -106,73 +132,90 @@ class Updater:
 
     # --- perform ---------------------------------------------------------------------
 
-    async def perform(self, decision: Decision, source: Source) -> None:
-        """Download (resuming when possible), verify and install the decided build."""
+    async def perform(self, decision: Decision, source: Source, job: Progress) -> None:
+        """Carry out a decision: fetch and install the build, then make it next boot."""
         build, ref = decision.build, decision.bundle
         if build is None or ref is None:
             return
         url = source.resolve(ref.url)
-        lc = self.lifecycle
-        with self.lock:
-            start = lc.decide_start(build, url, ref.sha256, ref.size)
-            dest = lc.download_path(build)
+        with self.lifecycle.lock:
+            start = self.lifecycle.decide_start(build, url, ref.sha256, ref.size)
         log.info("update.start", release=build.release, patch=build.patch,
                  action=start.action.value, offset=start.offset)
         if start.action is Action.BAD:
             return
-        if start.action is Action.INSTALLED:
-            with self.lock:
-                if lc.pointers.next_boot != build:
-                    # Installed but never promoted: the daemon died between the two
-                    # steps. The strategy still wants it, so finish the job.
-                    lc.promote_to_next_boot(build)
-            return
+        installed = False
         try:
-            if start.action in (Action.FRESH, Action.RESUME):
-                offset = start.offset
-                if start.action is Action.FRESH:
-                    await anyio.to_thread.run_sync(remove_download, dest)
-                    with self.lock:
-                        lc.record_download_started(build, url, ref.sha256, ref.size)
-                self.board.set("downloading", build, offset, ref.size)
-                await source.download(url, dest, size=ref.size, sha256=ref.sha256,
-                                      offset=offset, progress=self.board.progress)
-            elif start.action is Action.VERIFY:
-                self.board.set("downloading", build, ref.size, ref.size)
-                await verify_file(dest, ref.size, ref.sha256)
-            if start.action is not Action.COMPLETE:
-                with self.lock:
-                    lc.record_download_complete(build)
-                self.events.add("download", build)
-            await self._install(build, decision.kind, dest)
+            if start.action is not Action.INSTALLED:
+                bundle = await self._fetch(build, ref, url, start.action, start.offset,
+                                           source, job)
+                await self._install(build, decision.kind, bundle, job)
+                installed = True
         except BadInputError as exc:
-            self._mark_bad(build, exc)
+            self._reject(build, exc)
             raise
+        # Also finishes an install whose promotion a crash interrupted (INSTALLED).
+        self._promote(build)
+        if installed:
+            self.events.add("install", build)
 
-    async def install_local(self, path: Path, build: Build, kind: str) -> None:
+    async def _fetch(self, build: Build, ref: BundleRef, url: str, action: Action,
+                     offset: int, source: Source, job: Progress) -> Path:
+        """The verified bundle on disk: downloaded, resumed, re-hashed or already there."""
+        lc = self.lifecycle
+        dest = lc.download_path(build)
+        if action in (Action.FRESH, Action.RESUME):
+            if action is Action.FRESH:
+                await anyio.to_thread.run_sync(remove_download, dest)
+                with lc.lock:
+                    lc.record_download_started(build, url, ref.sha256, ref.size)
+            job.show("downloading", build, offset, ref.size)
+            await source.download(url, dest, size=ref.size, sha256=ref.sha256,
+                                  offset=offset, progress=job.progress)
+        elif action is Action.VERIFY:
+            job.show("downloading", build, ref.size, ref.size)
+            await verify_file(dest, ref.size, ref.sha256)
+        if action is not Action.COMPLETE:
+            with lc.lock:
+                lc.record_download_complete(build)
+            self.events.add("download", build)
+        return dest
+
+    async def install_local(self, path: Path, build: Build, kind: Literal["patch", "full"],
+                            job: Progress) -> None:
         """Offline install of a bundle file the operator handed us (``Install``)."""
-        await self._install(build, kind, path, local=True)
+        try:
+            await self._install(build, kind, path, job)
+        except BadInputError:
+            with self.lifecycle.lock:
+                self.lifecycle.record_install_aborted(build)
+            raise
+        self._promote(build)
+        self.events.add("install", build)
 
-    async def _install(self, build: Build, kind: str, bundle: Path, local: bool = False) -> None:
-        self.board.set("installing", build)
+    async def _install(self, build: Build, kind: str, bundle: Path, job: Progress) -> None:
+        """Materialise the tree in a worker thread; report a bad bundle as an event."""
+        job.show("installing", build)
         req = InstallRequest(build=build, bundle=bundle, kind=kind,  # type: ignore[arg-type]
                              app=self.config.app.name, arch=self.config.app.arch,
                              trust=self.trust, clone=self.config.install.clone,  # type: ignore[arg-type]
-                             min_free=self.config.install.min_free,
-                             mark_bad_on_bad_input=not local)
-
+                             min_free=self.config.install.min_free)
         try:
             # Each lifecycle call inside takes the lifecycle's own lock, briefly; the
             # long part (cloning, writing) holds none, so the socket stays responsive.
             # check_cancelled lets SIGTERM stop the install between two ops.
-            await anyio.to_thread.run_sync(install, self.lifecycle, req,
+            await anyio.to_thread.run_sync(materialise, self.lifecycle, req,
                                            anyio.from_thread.check_cancelled)
         except BadInputError as exc:
             self.events.add("install_failure", build, str(exc))
             raise
-        self.events.add("install", build)
 
-    def _mark_bad(self, build: Build, exc: BadInputError) -> None:
-        with self.lock:
+    def _promote(self, build: Build) -> None:
+        with self.lifecycle.lock:
+            self.lifecycle.promote_to_next_boot(build)
+
+    def _reject(self, build: Build, exc: BadInputError) -> None:
+        """A downloaded bundle is bad: tombstone the build (it keeps its first reason)."""
+        with self.lifecycle.lock:
             if not isinstance(self.lifecycle.state(build), Bad):
                 self.lifecycle.mark_bad(build, BadReason(exc.bad_reason), str(exc))

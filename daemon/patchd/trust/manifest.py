@@ -1,4 +1,4 @@
-"""The channel manifest (SPEC §2.1): parse, validate and verify; serialise for the publisher.
+"""The channel manifest (docs/formats.md): parse, validate and verify; serialise for the publisher.
 
 Parsing is strict about what patchd uses (types, ranges, safe release names) and
 silent about anything else, so a newer publisher can add fields without breaking
@@ -275,7 +275,7 @@ def _bundles_json(bundles: tuple[BundleRef, ...]) -> list[dict[str, Any]]:
 
 
 def manifest_to_json(m: Manifest) -> dict[str, Any]:
-    """The SPEC §2.1 document for ``m``; releases and patches in ascending order."""
+    """The document of docs/formats.md for ``m``; releases and patches in ascending order."""
     releases = []
     for name in sorted(m.releases, key=release_key):
         r = m.releases[name]

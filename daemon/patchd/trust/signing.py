@@ -1,4 +1,4 @@
-"""Ed25519 keys and detached signature files (SPEC §2.2).
+"""Ed25519 keys and detached signature files (docs/formats.md).
 
 One format signs both documents patchd trusts — ``manifest.json`` and a bundle's
 ``bundle.json`` — so the rules (distinct trusted key ids, threshold, unknown ids ignored)
@@ -32,7 +32,7 @@ from patchd.core.errors import ConfigError, SignatureInvalid
 log = structlog.get_logger("patchd.trust.signing")
 
 PUBLIC_PREFIX = "ed25519:"
-#: A signature file larger than this is refused without parsing (SPEC §2.1).
+#: A signature file larger than this is refused without parsing (docs/formats.md).
 MAX_SIG_FILE_BYTES = 4 * 1024 * 1024
 
 
@@ -57,7 +57,7 @@ def format_public_key(raw: bytes) -> str:
 
 
 def key_id(raw: bytes) -> str:
-    """First 16 hex digits of SHA-256 over the raw public key (SPEC §2.2)."""
+    """First 16 hex digits of SHA-256 over the raw public key (docs/formats.md)."""
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -132,7 +132,7 @@ class TrustedKeys:
 
 
 def sign_document(data: bytes, private_keys: Sequence[Ed25519PrivateKey]) -> bytes:
-    """The signature file (SPEC §2.1) over the exact bytes ``data``, one entry per key."""
+    """The signature file (docs/formats.md) over the exact bytes ``data``, one entry per key."""
     if not private_keys:
         raise ValueError("at least one private key is needed to sign")
     entries: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""What to do with a verified manifest (SPEC §3.4): pure functions, no I/O.
+"""What to do with a verified manifest (docs/lifecycle.md): pure functions, no I/O.
 
 Keeping the decision pure means every branch — rollouts, arch matching, tombstones,
 rollbacks, full upgrades — is tested without a network or a disk, and the update task
@@ -44,7 +44,8 @@ NO_UPGRADE = Decision("none")
 
 
 def in_rollout(client_id: str, release: str, patch: int, rollout: int) -> bool:
-    """SPEC §2.1's bucket: stable per host and patch, so raising the percentage only adds hosts."""
+    """The rollout bucket (docs/formats.md): stable per host and patch, so raising the
+    percentage only adds hosts."""
     digest = hashlib.sha256(f"{client_id}:{release}:{patch}".encode()).hexdigest()
     return int(digest[:8], 16) % 100 < rollout
 

@@ -1,0 +1,195 @@
+"""The boot keeper: which tree the host boots, and what became of each boot.
+
+Everything about a boot lives here: answering the boot target (fast, from memory, on
+the hot path of every host start), recording BootStart/Success/Failure through the
+lifecycle, watching the booting process's pid so a crash before BootSuccess is seen
+at once, and the boot timeout, which keeps counting across a daemon restart. Boots are
+not jobs of the runner: a host report must never wait behind a download.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup
+
+from patchd.build.verify import verify_tree
+from patchd.core.model import BadReason, Build, Installed
+from patchd.host import process
+from patchd.state.lifecycle import Lifecycle
+
+if TYPE_CHECKING:
+    from patchd.config import Config
+
+__all__ = ["BootKeeper", "wait_pid_exit"]
+
+log = structlog.get_logger("patchd.service.boot")
+
+
+class BootKeeper:
+    """The boot protocol for one app, over its lifecycle."""
+
+    def __init__(self, lifecycle: Lifecycle, config: Callable[[], Config],
+                 on_change: Callable[[], None]) -> None:
+        self.lifecycle = lifecycle
+        self._config = config
+        self._on_change = on_change
+        self._tg: TaskGroup | None = None
+        self._watch_scope: anyio.CancelScope | None = None
+        #: The last boot target and the pointers object it was computed from.
+        self._cached: tuple[object, tuple[Build, Path]] | None = None
+
+    def __repr__(self) -> str:
+        p = self.lifecycle.pointers
+        return (f"<BootKeeper next_boot={p.next_boot} booting={p.currently_booting} "
+                f"watching={self._watch_scope is not None}>")
+
+    def attach(self, tg: TaskGroup) -> None:
+        """The task group that owns the pid watch and the timeout (the daemon's)."""
+        self._tg = tg
+
+    # --- the target ----------------------------------------------------------------
+
+    async def target(self) -> tuple[Build, Path]:
+        """The build and tree to boot now.
+
+        With no breadcrumb there is nothing to resolve and, unless ``verify = "strict"``,
+        nothing to check, so the answer is in memory: it is cached against the pointers
+        object it came from (the lifecycle replaces that object on every write). The
+        worker-thread path, which may read and write state files, is only for a boot in
+        progress, strict verification, or a lock held by another thread.
+        """
+        lc = self.lifecycle
+        pointers = lc.pointers
+        if pointers.currently_booting is None and self._config().trust.verify != "strict":
+            cached = self._cached
+            if cached is not None and cached[0] is pointers:
+                return cached[1]
+            if lc.lock.acquire(blocking=False):
+                try:
+                    pointers = lc.pointers
+                    if pointers.currently_booting is None:
+                        answer = lc.boot_target()
+                        self._cached = (pointers, answer)
+                        return answer
+                finally:
+                    lc.lock.release()
+        return await anyio.to_thread.run_sync(self._resolve_target)
+
+    def _resolve_target(self) -> tuple[Build, Path]:
+        """Resolve a stale breadcrumb and strict-verify before naming the tree to boot."""
+        with self.lifecycle.lock:
+            if self.lifecycle.detect_boot_crash() is not None:
+                self._on_change()
+            if self._config().trust.verify == "strict":
+                def check(build: Build, state: Installed, tree: Path) -> str | None:
+                    return verify_tree(tree, state.files)
+
+                self.lifecycle.validate_next_boot(check)
+            return self.lifecycle.boot_target()
+
+    # --- reports -------------------------------------------------------------------
+
+    async def start(self, build: Build | None, pid: int | None) -> tuple[Build, Path]:
+        """``BootStart``: leave the breadcrumb, then watch the host until it reports."""
+        pid_start = process.pid_start_time(pid) if pid is not None else None
+        await anyio.to_thread.run_sync(self._resolve_target)  # stale breadcrumb, strict
+        with self.lifecycle.lock:
+            booted, path = self.lifecycle.record_boot_start(build, pid, pid_start)
+        self._watch(booted, pid, resumed=False)
+        log.info("boot.started", release=booted.release, patch=booted.patch, pid=pid)
+        return booted, path
+
+    def success(self, build: Build | None) -> Build:
+        """``BootSuccess``: the build becomes last_booted; older builds are cleaned up."""
+        with self.lifecycle.lock:
+            booted = self.lifecycle.record_boot_success(build)
+        self._finished()
+        log.info("boot.success", release=booted.release, patch=booted.patch)
+        return booted
+
+    def failure(self, build: Build | None, reason: str | None) -> Build:
+        """``BootFailure``: the build is tombstoned and the host falls back."""
+        with self.lifecycle.lock:
+            failed = self.lifecycle.record_boot_failure(
+                build, BadReason.BOOT_FAILURE, reason or "reported by the host")
+        self._finished()
+        log.warning("boot.failure_reported", release=failed.release, patch=failed.patch,
+                    reason=reason)
+        return failed
+
+    async def resume(self) -> None:
+        """At start-up: a breadcrumb whose pid is gone is a crash; a live one is watched."""
+        with self.lifecycle.lock:
+            self.lifecycle.detect_boot_crash()
+            p = self.lifecycle.pointers
+        if p.currently_booting is not None:
+            self._watch(p.currently_booting, p.boot_pid, resumed=True)
+
+    # --- watching ------------------------------------------------------------------
+
+    def _finished(self) -> None:
+        self._stop_watch()
+        self._on_change()
+
+    def _stop_watch(self) -> None:
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+            self._watch_scope = None
+
+    def _watch(self, build: Build, pid: int | None, resumed: bool) -> None:
+        """Watch the booting host: its exit before BootSuccess is a crash; and the timeout.
+
+        ``resumed``: the boot began before this daemon started (a restart mid-boot).
+        """
+        self._stop_watch()
+        if self._tg is None:
+            return
+        scope = anyio.CancelScope()
+        self._watch_scope = scope
+        self._tg.start_soon(self._watch_boot, build, pid, scope, resumed)
+
+    async def _watch_boot(self, build: Build, pid: int | None, scope: anyio.CancelScope,
+                          resumed: bool) -> None:
+        config = self._config()
+        timeout = config.boot.timeout or None
+        elapsed = self.lifecycle.boot_elapsed(datetime.now(UTC))
+        if resumed and timeout is not None and elapsed is not None:
+            # After a daemon restart the boot has been running for a while already;
+            # boot_started_at has whole seconds, so count one less, never fire early.
+            timeout = max(0.0, timeout - max(0.0, elapsed - 1))
+        with scope:
+            with anyio.move_on_after(timeout) as timer:
+                if pid is not None and config.boot.watch_pid:
+                    await wait_pid_exit(pid)
+                    with self.lifecycle.lock:
+                        crashed = self.lifecycle.detect_boot_crash()
+                    if crashed is not None:  # the lifecycle logged it (boot_crash)
+                        self._on_change()
+                    return
+                await anyio.sleep_forever()
+            if timer.cancelled_caught:
+                with self.lifecycle.lock:
+                    if self.lifecycle.pointers.currently_booting == build:
+                        self.lifecycle.record_boot_failure(
+                            build, BadReason.BOOT_TIMEOUT,
+                            f"no BootSuccess within {config.boot.timeout:g} s")
+                self._on_change()
+
+
+async def wait_pid_exit(pid: int) -> None:
+    """Return when process ``pid`` exits, without polling (a pidfd becomes readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return  # gone, or a number no process can have: either way it is not running
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,142 @@
+"""Checking for updates: on the poll schedule, and when an operator asks (``CheckNow``).
+
+A check reads the manifest, forgets builds the server rolled back, and decides; the
+decided update then runs as the job runner's background job. A decision for another
+build than the one being downloaded (rolled back or superseded) cancels that update
+first. Every failure is recorded once, with its class, for ``status`` and STATUS=.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import anyio
+import structlog
+
+from patchd.core.errors import BadInputError, ConfigError, PatchdError, TransientError
+from patchd.core.model import utc_now_text
+from patchd.fetch.sources import Source
+from patchd.service.activity import Activity
+from patchd.service.jobs import Job, JobRunner
+from patchd.service.schedule import backoff_delay, first_check_delay, in_seconds, jittered
+from patchd.service.updater import Updater
+from patchd.trust import Decision
+
+if TYPE_CHECKING:
+    from patchd.config import Config
+
+__all__ = ["Checker"]
+
+log = structlog.get_logger("patchd.service.checks")
+
+
+class Checker:
+    """The poll loop and manual checks of one app."""
+
+    def __init__(self, updater: Updater, runner: JobRunner, source: Callable[[], Source],
+                 config: Callable[[], Config], on_change: Callable[[], None],
+                 on_error: Callable[[], None]) -> None:
+        self.updater = updater
+        self.runner = runner
+        self._source = source
+        self._config = config
+        self._on_change = on_change
+        self._on_error = on_error
+        self._wake = anyio.Event()
+        #: The update the last check left running (started or kept), for the poll loop.
+        self.update_job: Job | None = None
+        self.last_check: str | None = None
+        self.next_check: str | None = None
+        self.last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Checker last={self.last_check} next={self.next_check} "
+                f"error={self.last_error!r}>")
+
+    def wake(self) -> None:
+        """Check now instead of at the scheduled time (a config reload)."""
+        self._wake.set()
+
+    async def check_now(self) -> Decision:
+        """Check and start the decided update in the background; joins a running check."""
+        return await self.runner.check(self._check)
+
+    async def _check(self) -> Decision:
+        try:
+            manifest = await self.updater.fetch_verified(self._source())
+            forgotten = self.updater.apply_rollbacks(manifest)
+            decision = self.updater.decide(manifest)
+        except PatchdError as exc:
+            self.record_error(exc)
+            raise
+        self.last_check = utc_now_text()
+        running = self.runner.job
+        if running is not None and running.kind == "update" and (
+                running.build in forgotten or decision.build != running.build):
+            log.warning("update.superseded", building=str(running.build),
+                        decided=str(decision))
+            await self.runner.cancel()
+        if decision.kind != "none" and decision.build is not None and self.runner.job is None:
+            size = decision.bundle.size if decision.bundle else 0
+            self.runner.start("update", decision.build, self._update(decision),
+                              Activity("downloading", decision.build, 0, size))
+        running = self.runner.job
+        self.update_job = running if running is not None and running.kind == "update" else None
+        log.info("check.decided", strategy=decision.kind,
+                 build=str(decision.build) if decision.build else None)
+        self._on_change()
+        return decision
+
+    def _update(self, decision: Decision) -> Callable[[Job], Awaitable[None]]:
+        async def run(job: Job) -> None:
+            assert decision.build is not None
+            with structlog.contextvars.bound_contextvars(
+                    release=decision.build.release, patch=decision.build.patch):
+                try:
+                    await self.updater.perform(decision, self._source(), job)
+                    self.last_error = None
+                except Exception as exc:
+                    self.record_error(exc)
+                    raise
+        return run
+
+    def record_error(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        event = exc.bad_reason if isinstance(exc, BadInputError) else "check.failed"
+        kind = ("transient" if isinstance(exc, TransientError) else
+                "bad_input" if isinstance(exc, BadInputError) else
+                "config" if isinstance(exc, ConfigError) else "error")
+        log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind)
+        self._on_error()
+
+    async def poll_loop(self) -> None:
+        """Check on schedule; back off after transient failures; never stop."""
+        delay = first_check_delay()
+        failures = 0
+        while True:
+            self.next_check = in_seconds(delay)
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.runner.wait_check_allowed()
+            error: BaseException | None = None
+            try:
+                await self.check_now()
+                job = self.update_job
+                if job is not None:
+                    await job.done.wait()
+                    error = job.error
+            except Exception as exc:
+                error = exc
+            interval = self._config().server.poll_interval
+            if isinstance(error, TransientError):
+                failures += 1
+                delay = backoff_delay(failures, interval)
+                retry_after = getattr(error, "retry_after", None)
+                if retry_after:
+                    delay = max(delay, min(retry_after, interval))
+                log.info("check.retry_scheduled", in_seconds=round(delay, 1), failures=failures)
+            else:
+                failures = 0
+                delay = jittered(interval, self._config().server.poll_jitter)
