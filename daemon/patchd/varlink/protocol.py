@@ -23,7 +23,6 @@ import errno
 import grp
 import inspect
 import json
-import math
 import os
 import select
 import socket
@@ -440,7 +439,15 @@ async def _next_reply(replies: AsyncIterator[Reply | Last]) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-connection limits; see ``serve`` for what each one protects against."""
+    """What one client may cost the server; each bound is a way a client can misbehave.
+
+    - ``max_message``: bytes of one message before its NUL; a larger message is
+      answered ``InvalidParameter`` and the connection dropped.
+    - ``idle_timeout``: seconds to wait for the next complete request.
+    - ``write_timeout``: seconds a reply may take to be accepted by the kernel; a
+      client that does not read is dropped.
+    - ``max_connections``: connections beyond this are closed at once.
+    """
 
     max_message: int = MAX_MESSAGE
     idle_timeout: float = 300.0
@@ -865,32 +872,3 @@ class VarlinkServer:
             self._count(-1)
             sock.close()
 
-
-async def serve(
-    service: VarlinkService,
-    path: Path,
-    *,
-    mode: int = 0o660,
-    group: str | None = None,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    max_message: int = MAX_MESSAGE,
-    idle_timeout: float = 300.0,
-    write_timeout: float = 10.0,
-    max_connections: int = 1024,
-) -> None:
-    """Serve ``service`` on the Unix socket ``path`` until cancelled.
-
-    - ``mode``/``group``: the socket file's permissions (the group by name; a group
-      that does not exist is a ``ConfigError``). A stale socket file is replaced; a
-      path where a live process answers is refused (``SocketInUse``).
-    - ``max_message``: a larger message is answered ``InvalidParameter`` and dropped.
-    - ``idle_timeout``: seconds to wait for the next complete request.
-    - ``write_timeout``: seconds a reply may take to be accepted by the kernel; a
-      client that does not read is dropped.
-    - ``max_connections``: connections beyond this are closed at once.
-    """
-    if not (max_message > 0 and max_connections > 0 and math.isfinite(write_timeout)):
-        raise ValueError("varlink limits must be positive and finite")
-    limits = Limits(max_message, idle_timeout, write_timeout, max_connections)
-    server = VarlinkServer(service, path, mode=mode, group=group, limits=limits)
-    await server.serve(task_status=task_status)
