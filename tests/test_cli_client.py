@@ -152,7 +152,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 _CLI_AS_USER = """\
 import json, os, sys
 import shutil  # argparse imports it lazily to format help and errors
-import patchd.cli.main, patchd.cli.client, patchd.varlink.client
+import patchd.cli.main, patchd.cli.client, patchd.varlink
 patchd.cli.main.build_parser()
 uid, gid, groups = json.loads(sys.argv[1])
 os.setgroups(groups)

@@ -7,6 +7,7 @@ one line on stderr (the CLI's main prints ``PatchdError`` messages) and exit cod
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,10 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from patchd.core.errors import CommandFailed, UsageError
+from patchd.core.errors import (
+    ClientError,
+    CommandFailed,
+    DaemonConnectionBroken,
+    DaemonNotRunning,
+    SocketAccessDenied,
+    UsageError,
+)
 from patchd.service.interface import INTERFACE_NAME
-from patchd.varlink.client import VarlinkClient
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import ClientError as VarlinkClientError
+from patchd.varlink import ConnectFailed, VarlinkClient, VarlinkError
 
 RUN_DIR = Path("/run/patchd")
 
@@ -60,6 +68,18 @@ def _describe(exc: VarlinkError) -> str:
     return exc.name
 
 
+def _client_error(exc: VarlinkClientError) -> ClientError:
+    """The one line the CLI prints when it got no reply: the cause the user can act on."""
+    if isinstance(exc, ConnectFailed):
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+            return DaemonNotRunning(
+                f"patchd is not running (cannot connect to {exc.path}: {exc.strerror})")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return SocketAccessDenied(f"permission denied on {exc.path}: run as root or as a "
+                                      "member of the socket's group")
+    return DaemonConnectionBroken(str(exc))
+
+
 def call(path: Path, method: str, params: dict[str, Any] | None = None,
          timeout: float | None = 600) -> dict[str, Any]:
     try:
@@ -67,6 +87,8 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None,
             return client.call(f"{INTERFACE_NAME}.{method}", params or {})
     except VarlinkError as exc:
         raise CommandFailed(_describe(exc)) from None
+    except VarlinkClientError as exc:
+        raise _client_error(exc) from exc
 
 
 def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
@@ -76,6 +98,8 @@ def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
                 yield reply["activity"]
     except VarlinkError as exc:
         raise CommandFailed(_describe(exc)) from None
+    except VarlinkClientError as exc:
+        raise _client_error(exc) from exc
 
 
 def _build(obj: Any) -> str:

@@ -23,12 +23,14 @@ from patchd.core.errors import (
     LifecycleError,
     NotBootTarget,
     PatchdError,
+    SocketInUse,
     TransientError,
 )
 from patchd.core.model import Build
 from patchd.host import process
 from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
-from patchd.varlink.protocol import (
+from patchd.varlink import (
+    AddressInUse,
     Call,
     InvalidParameter,
     PeerCred,
@@ -284,7 +286,11 @@ async def serve_api(daemon: Daemon, *, task_status: TaskStatus[None] = anyio.TAS
                     hint="create the group and make the daemon's user a member (e.g. "
                          "SupplementaryGroups= in the unit), or run as root")
     server = VarlinkServer(service, cfg.paths.socket, mode=0o660, group=group)
-    await server.serve(task_status=task_status)
+    try:
+        await server.serve(task_status=task_status)
+    except AddressInUse as exc:
+        hint = "; is patchd already running?" if exc.live else ""
+        raise SocketInUse(f"{exc}{hint}") from exc
 
 
 def _usable_group(name: str) -> bool:
