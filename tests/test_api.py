@@ -10,6 +10,7 @@ import os
 import pwd
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,11 +18,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import varlink
 
+from patchd.core.errors import SocketInUse
+from patchd.service.api import serve_api
 from support.daemon import DaemonProcess, Publisher, state_of, write_tree
 from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
 
@@ -439,5 +443,38 @@ def test_socket_group_not_allowed_is_a_clear_error(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.startswith(f"cannot give the socket {sockdir / 's.sock'} to group 0: ")
         assert list(sockdir.iterdir()) == []  # the temporary socket file was removed
+    finally:
+        shutil.rmtree(sockdir)
+
+
+def _socket_only_daemon(socket_path: Path) -> Any:
+    """Just what ``serve_api`` reads of a daemon before it listens."""
+    group = grp.getgrgid(os.getegid()).gr_name
+    return SimpleNamespace(config=SimpleNamespace(api=SimpleNamespace(socket_group=group),
+                                                  paths=SimpleNamespace(socket=socket_path)))
+
+
+@pytest.mark.anyio
+async def test_socket_in_use_is_patchds_error() -> None:
+    """The varlink layer's AddressInUse leaves ``serve_api`` as SocketInUse (exit 2), with
+    the "already running?" hint only when a process answers on the path."""
+    sockdir = Path(tempfile.mkdtemp(prefix="pdu", dir="/tmp"))
+    try:
+        live = sockdir / "live.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(live))
+            listener.listen()
+            with pytest.raises(SocketInUse) as info:
+                await serve_api(_socket_only_daemon(live))
+        assert str(info.value) == (f"another process is listening on {live}; "
+                                   "is patchd already running?")
+        assert info.value.exit_code == 2
+        regular = sockdir / "file"
+        regular.write_text("precious")
+        with pytest.raises(SocketInUse) as info:
+            await serve_api(_socket_only_daemon(regular))
+        assert str(info.value) == (f"{regular} exists and is not a socket; remove it or use "
+                                   "another path")
+        assert regular.read_text() == "precious"
     finally:
         shutil.rmtree(sockdir)
