@@ -49,7 +49,7 @@ def serve(path: Path) -> None:
     import structlog
 
     from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
-    from patchd.varlink.protocol import Call, VarlinkServer, VarlinkService
+    from patchd.varlink import Call, VarlinkServer, VarlinkService
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 

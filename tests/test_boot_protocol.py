@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess, state_of
 from test_api import Env, R, b, local_env
 
@@ -33,7 +33,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 #: its stdin is closed (so the test decides when the host dies).
 HOST = """\
 import json, os, sys
-from patchd.varlink.client import VarlinkClient
+from patchd.varlink import VarlinkClient
 path, mode = sys.argv[1], sys.argv[2]
 with VarlinkClient(path) as c:
     reply = c.call("io.patchd.Updater.BootStart", {"pid": os.getpid()})

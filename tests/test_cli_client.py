@@ -4,6 +4,7 @@ when something is wrong."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -11,11 +12,21 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from patchd.cli.client import _client_error, call, watch_stream
+from patchd.core.errors import (
+    ClientError,
+    DaemonConnectionBroken,
+    DaemonNotRunning,
+    SocketAccessDenied,
+)
+from patchd.varlink import ClientError as VarlinkClientError
+from patchd.varlink import ConnectFailed, ProtocolError
 from support.cli import run_patchd
 from support.daemon import DaemonProcess, state_of
 from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
@@ -152,7 +163,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 _CLI_AS_USER = """\
 import json, os, sys
 import shutil  # argparse imports it lazily to format help and errors
-import patchd.cli.main, patchd.cli.client, patchd.varlink.client
+import patchd.cli.main, patchd.cli.client, patchd.varlink
 patchd.cli.main.build_parser()
 uid, gid, groups = json.loads(sys.argv[1])
 os.setgroups(groups)
@@ -187,3 +198,65 @@ def test_access_denied_and_not_authorised(env: Env) -> None:
     assert "not authorised to call io.patchd.Updater.BootStart" in line
     out = cli_as("nobody", "boot-target", "--socket", sock)
     assert (out.returncode, out.stdout) == (0, f"{env.release_dir}\n"), out.stderr
+
+
+# --- the varlink client's failures, as the CLI words them -----------------------------------
+
+_SOCK = Path("/run/patchd/kiosk.sock")
+
+
+@pytest.mark.parametrize(("failure", "kind", "message"), [
+    (ConnectFailed(_SOCK, FileNotFoundError(errno.ENOENT, "No such file or directory")),
+     DaemonNotRunning,
+     f"patchd is not running (cannot connect to {_SOCK}: No such file or directory)"),
+    (ConnectFailed(_SOCK, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")),
+     DaemonNotRunning, f"patchd is not running (cannot connect to {_SOCK}: Connection refused)"),
+    (ConnectFailed(_SOCK, NotADirectoryError(errno.ENOTDIR, "Not a directory")),
+     DaemonNotRunning, f"patchd is not running (cannot connect to {_SOCK}: Not a directory)"),
+    (ConnectFailed(_SOCK, PermissionError(errno.EACCES, "Permission denied")),
+     SocketAccessDenied,
+     f"permission denied on {_SOCK}: run as root or as a member of the socket's group"),
+    (ConnectFailed(_SOCK, PermissionError(errno.EPERM, "Operation not permitted")),
+     SocketAccessDenied,
+     f"permission denied on {_SOCK}: run as root or as a member of the socket's group"),
+    (ConnectFailed(_SOCK, BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")),
+     DaemonConnectionBroken,
+     f"cannot connect to {_SOCK}: [Errno 11] Resource temporarily unavailable"),
+    (ConnectFailed(_SOCK, TimeoutError("timed out")),
+     DaemonConnectionBroken, f"cannot connect to {_SOCK}: timed out"),
+    (ProtocolError("the daemon closed the connection before replying"),
+     DaemonConnectionBroken, "the daemon closed the connection before replying"),
+])
+def test_client_failures_become_patchd_errors(
+        failure: VarlinkClientError, kind: type[ClientError], message: str) -> None:
+    """The varlink client says what failed (errno, path); the CLI says what it means for
+    patchd, in one line with exit code 1."""
+    error = _client_error(failure)
+    assert (type(error), str(error), error.exit_code) == (kind, message, 1)
+
+
+def test_call_and_watch_translate_client_failures() -> None:
+    """``call`` and ``watch_stream`` raise patchd's errors, never the varlink package's."""
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="pdc") as tmp:
+        path = Path(tmp) / "s.sock"
+        with pytest.raises(DaemonNotRunning, match="patchd is not running"):
+            call(path, "GetStatus")
+        with pytest.raises(DaemonNotRunning, match="patchd is not running"):
+            next(watch_stream(path))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(str(path))
+            listener.listen()  # connects succeed; nobody ever answers
+            with pytest.raises(DaemonConnectionBroken, match=r"no reply from \S+ within 0\.2 s"):
+                call(path, "GetStatus", timeout=0.2)
+
+            def hang_up() -> None:
+                listener.accept()[0].close()  # the connection call() left behind
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+
+            thread = threading.Thread(target=hang_up, daemon=True)
+            thread.start()
+            with pytest.raises(DaemonConnectionBroken, match="closed the connection"):
+                next(watch_stream(path))
+            thread.join()

@@ -20,7 +20,7 @@ from patchd.core.errors import Busy
 from patchd.core.model import Build
 from patchd.service.activity import Activity, ActivityBoard
 from patchd.service.jobs import Job, JobRunner
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess, Publisher, state_of, write_tree
 
 R = "1.4.0"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess, Publisher, state_of, write_tree
 from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
 

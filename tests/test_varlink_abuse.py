@@ -15,8 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from patchd.varlink.client import AsyncVarlinkClient
-from patchd.varlink.protocol import Limits, VarlinkServer
+from patchd.varlink import AsyncVarlinkClient, Limits, VarlinkServer
 from test_varlink_protocol import TEST_INTERFACE, Probe, make_service, running
 
 SERVICE_ERRORS = "org.varlink.service"

@@ -13,7 +13,7 @@ import pytest
 import varlink
 
 from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
-from patchd.varlink.protocol import SERVICE_DESCRIPTION, Call, VarlinkService
+from patchd.varlink import SERVICE_DESCRIPTION, Call, VarlinkService
 from test_varlink_protocol import TEST_DESCRIPTION, TEST_INTERFACE, make_service, running
 
 T = TypeVar("T")

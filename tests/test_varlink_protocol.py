@@ -4,6 +4,7 @@ abuse tests (``from test_varlink_protocol import ...``)."""
 
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -18,14 +19,15 @@ from typing import Any
 import anyio
 import pytest
 
-from patchd.core.errors import DaemonNotRunning, SocketAccessDenied, SocketInUse
-from patchd.varlink.client import AsyncVarlinkClient, VarlinkClient
-from patchd.varlink.protocol import (
+from patchd.varlink import (
+    AddressInUse,
+    AsyncVarlinkClient,
     Call,
+    ConnectFailed,
     InvalidParameter,
     Last,
     PeerCred,
-    SocketGroupMissing,
+    VarlinkClient,
     VarlinkError,
     VarlinkServer,
     VarlinkService,
@@ -405,7 +407,7 @@ async def test_socket_mode_group_and_cleanup(sockdir: Path) -> None:
 async def test_missing_group_is_a_clear_error(sockdir: Path) -> None:
     """A socket group that does not exist fails before binding, naming the group."""
     server = VarlinkServer(make_service(), sockdir / "s", group="no-such-group-xyz")
-    with pytest.raises(SocketGroupMissing, match="no-such-group-xyz"):
+    with pytest.raises(LookupError, match="no-such-group-xyz"):
         await server.serve()
     assert not (sockdir / "s").exists()
 
@@ -423,11 +425,13 @@ async def test_stale_socket_is_replaced(sockdir: Path) -> None:
 
 @pytest.mark.anyio
 async def test_live_socket_is_refused(sockdir: Path) -> None:
-    """A second server on a path where a live one answers fails with SocketInUse."""
+    """A second server on a path where a live one answers fails with AddressInUse,
+    marked live (the application adds its "already running?" hint)."""
     path = sockdir / "s"
     async with running(make_service(), path):
-        with pytest.raises(SocketInUse, match="already running"):
+        with pytest.raises(AddressInUse, match="another process is listening") as info:
             await VarlinkServer(make_service(), path).serve()
+        assert info.value.live and info.value.path == path
         # the first one still serves
         with VarlinkClient(path) as client:
             echo = await anyio.to_thread.run_sync(client.call, f"{TEST_INTERFACE}.Echo")
@@ -439,8 +443,9 @@ async def test_non_socket_path_is_refused(sockdir: Path) -> None:
     """A regular file at the socket path is never deleted; the server refuses to start."""
     path = sockdir / "s"
     path.write_text("precious")
-    with pytest.raises(SocketInUse, match="not a socket"):
+    with pytest.raises(AddressInUse, match="not a socket") as info:
         await VarlinkServer(make_service(), path).serve()
+    assert not info.value.live
     assert path.read_text() == "precious"
 
 
@@ -448,14 +453,16 @@ async def test_non_socket_path_is_refused(sockdir: Path) -> None:
 
 
 def test_client_daemon_not_running(sockdir: Path) -> None:
-    """No socket file, or a stale one, reads as 'patchd is not running'."""
-    with pytest.raises(DaemonNotRunning, match="not running"):
+    """No socket file, or a stale one, fails with the errno that says nobody serves it."""
+    with pytest.raises(ConnectFailed, match="cannot connect to") as info:
         VarlinkClient(sockdir / "missing")
+    assert (info.value.errno, info.value.path) == (errno.ENOENT, sockdir / "missing")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(sockdir / "stale"))
     stale.close()
-    with pytest.raises(DaemonNotRunning, match="not running"):
+    with pytest.raises(ConnectFailed) as info:
         VarlinkClient(sockdir / "stale")
+    assert info.value.errno == errno.ECONNREFUSED
 
 
 def _connect_as_nobody(path: str, nobody_uid: int, nobody_gid: int) -> None:
@@ -464,14 +471,15 @@ def _connect_as_nobody(path: str, nobody_uid: int, nobody_gid: int) -> None:
     os.setuid(nobody_uid)
     try:
         VarlinkClient(path)
-    except SocketAccessDenied:
-        os._exit(0)
+    except ConnectFailed as exc:
+        if exc.errno == errno.EACCES:
+            os._exit(0)
     os._exit(3)
 
 
 @pytest.mark.anyio
 async def test_client_permission_denied(sockdir: Path) -> None:
-    """A user outside the socket's mode and group gets SocketAccessDenied."""
+    """A user outside the socket's mode and group gets ConnectFailed with EACCES."""
     if os.geteuid() != 0:
         pytest.skip("needs root to setuid() a child to nobody")
     nobody = pwd.getpwnam("nobody")

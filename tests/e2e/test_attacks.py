@@ -41,8 +41,7 @@ from typing import Any
 import pytest
 
 from patchd.trust.signing import format_public_key, public_raw
-from patchd.varlink.client import ProtocolError
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import ProtocolError, VarlinkError
 from support.attacks import (
     RepoWriter,
     bundle_bytes,

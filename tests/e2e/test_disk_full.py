@@ -30,7 +30,7 @@ from invariants import (
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.core.model import Build, Downloaded, Downloading, Installed
 from patchd.state.lifecycle import STAGING_DIR
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess
 
 RELEASE = "1.4.0"

@@ -40,7 +40,7 @@ TESTS_DIR = str(Path(__file__).resolve().parent.parent)
 if TESTS_DIR not in sys.path:  # when run without tests/e2e/conftest.py
     sys.path.insert(0, TESTS_DIR)
 
-from patchd.varlink.protocol import VarlinkError  # noqa: E402
+from patchd.varlink import VarlinkError  # noqa: E402
 from support.daemon import DaemonProcess, write_tree  # noqa: E402
 from support.trees import snapshot  # noqa: E402
 

@@ -28,7 +28,7 @@ from patchd.publisher.pack import pack
 from patchd.publisher.publish import publish, roll_back
 from patchd.service.interface import INTERFACE_NAME
 from patchd.trust.signing import generate_key, load_private_key
-from patchd.varlink.client import VarlinkClient
+from patchd.varlink import VarlinkClient
 
 APP = "kiosk"
 

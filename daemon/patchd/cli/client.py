@@ -8,6 +8,7 @@ becomes the error table's line for it (``patchd.core.errors.SOCKET_ERRORS``).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -16,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from patchd.core.errors import (
+    ClientError,
     CommandFailed,
+    DaemonConnectionBroken,
+    DaemonNotRunning,
+    SocketAccessDenied,
     UsageError,
     activity_line,
     describe_socket_error,
 )
 from patchd.service.interface import INTERFACE_NAME
-from patchd.varlink.client import VarlinkClient
-from patchd.varlink.protocol import VarlinkError
+from patchd.varlink import ClientError as VarlinkClientError
+from patchd.varlink import ConnectFailed, VarlinkClient, VarlinkError
 
 RUN_DIR = Path("/run/patchd")
 
@@ -46,6 +51,18 @@ def socket_path(app: str | None, explicit: Path | None) -> Path:
     raise UsageError(f"name the app: several are managed here ({names})")
 
 
+def _client_error(exc: VarlinkClientError) -> ClientError:
+    """The one line the CLI prints when it got no reply: the cause the user can act on."""
+    if isinstance(exc, ConnectFailed):
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+            return DaemonNotRunning(
+                f"patchd is not running (cannot connect to {exc.path}: {exc.strerror})")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return SocketAccessDenied(f"permission denied on {exc.path}: run as root or as a "
+                                      "member of the socket's group")
+    return DaemonConnectionBroken(str(exc))
+
+
 def call(path: Path, method: str, params: dict[str, Any] | None = None,
          timeout: float | None = 600) -> dict[str, Any]:
     try:
@@ -53,6 +70,8 @@ def call(path: Path, method: str, params: dict[str, Any] | None = None,
             return client.call(f"{INTERFACE_NAME}.{method}", params or {})
     except VarlinkError as exc:
         raise describe_socket_error(exc.name, exc.parameters) from None
+    except VarlinkClientError as exc:
+        raise _client_error(exc) from exc
 
 
 def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
@@ -62,6 +81,8 @@ def watch_stream(path: Path) -> Iterator[dict[str, Any]]:
                 yield reply["activity"]
     except VarlinkError as exc:
         raise describe_socket_error(exc.name, exc.parameters) from None
+    except VarlinkClientError as exc:
+        raise _client_error(exc) from exc
 
 
 def _build(obj: Any) -> str:

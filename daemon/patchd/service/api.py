@@ -27,13 +27,20 @@ import structlog
 from anyio.abc import TaskStatus
 
 from patchd import __version__
-from patchd.core.errors import INTERNAL_ERROR, NotAuthorized, PatchdError, to_socket_error
+from patchd.core.errors import (
+    INTERNAL_ERROR,
+    NotAuthorized,
+    PatchdError,
+    SocketInUse,
+    to_socket_error,
+)
 from patchd.core.model import Build
 from patchd.host import process
 from patchd.service.activity import ActivityBoard
 from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
 from patchd.trust import Decision
-from patchd.varlink.protocol import (
+from patchd.varlink import (
+    AddressInUse,
     Call,
     InvalidParameter,
     PeerCred,
@@ -120,8 +127,6 @@ def _answers_errors(handler: Handler) -> Handler:
     async def wrapper(self: UpdaterApi, call: Call) -> dict[str, Any]:
         try:
             return await handler(self, call)
-        except VarlinkError:
-            raise  # already the protocol's answer (InvalidParameter)
         except PatchdError as exc:
             raise _socket_error(exc) from None
 
@@ -246,7 +251,11 @@ async def serve_api(ops: Operations, *,
                     hint="create the group and make the daemon's user a member (e.g. "
                          "SupplementaryGroups= in the unit), or run as root")
     server = VarlinkServer(service, cfg.paths.socket, mode=0o660, group=group)
-    await server.serve(task_status=task_status)
+    try:
+        await server.serve(task_status=task_status)
+    except AddressInUse as exc:
+        hint = "; is patchd already running?" if exc.live else ""
+        raise SocketInUse(f"{exc}{hint}") from exc
 
 
 def _usable_group(name: str) -> bool:

@@ -1,15 +1,13 @@
-"""Small varlink clients: synchronous for the CLI, asynchronous for tests and tools.
+"""Small varlink clients: synchronous for command-line tools, asynchronous for async code.
 
-Both speak the same wire format as ``varlink.py`` (NUL-terminated JSON). Failures a
-user can act on get their own exception so the CLI prints one line:
-``DaemonNotRunning`` (no socket, or nobody listening), ``SocketAccessDenied``
-(the socket's mode/group keeps this user out), ``ProtocolError`` (the daemon hung up
-or sent garbage); an error reply raises ``VarlinkError`` with its name and parameters.
+Both speak ``message.py``'s wire format and fail the same way, so an application
+words its messages once: ``ConnectFailed`` (with the errno: no socket, nobody
+listening, or no permission), ``ProtocolError`` (the service hung up, timed out or
+sent garbage), and ``VarlinkError`` with its name and parameters for an error reply.
 """
 
 from __future__ import annotations
 
-import errno
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -19,27 +17,12 @@ from typing import Any, Final, Self
 import anyio
 from anyio.abc import SocketStream
 
-from patchd.core.errors import DaemonConnectionBroken as ProtocolError
-from patchd.core.errors import DaemonNotRunning, PatchdError, SocketAccessDenied
-from patchd.varlink.protocol import VarlinkError, decode_message, encode_message
+from .errors import ConnectFailed, ProtocolError, VarlinkError
+from .message import decode_message, encode_message
 
-#: Replies may be larger than requests (a status listing many builds), but not unbounded.
+#: Replies may be larger than requests (a long listing), but not unbounded.
 MAX_REPLY: Final = 16 << 20
 _READ_SIZE: Final = 64 * 1024
-
-
-
-
-
-def _connect_error(path: Path, exc: OSError) -> PatchdError:
-    """Translate a connect() failure into the one-line error the CLI prints."""
-    if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
-        return DaemonNotRunning(f"patchd is not running (cannot connect to {path}: {exc.strerror})")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return SocketAccessDenied(
-            f"permission denied on {path}: run as root or as a member of the socket's group"
-        )
-    return ProtocolError(f"cannot connect to {path}: {exc}")
 
 
 def _call_message(
@@ -106,7 +89,7 @@ class VarlinkClient:
             self._sock.connect(str(self.path))
         except OSError as exc:
             self.close()
-            raise _connect_error(self.path, exc) from exc
+            raise ConnectFailed(self.path, exc) from exc
 
     def __repr__(self) -> str:
         return f"VarlinkClient({str(self.path)!r}, open={self._sock is not None})"
@@ -205,7 +188,7 @@ class AsyncVarlinkClient:
         try:
             stream = await anyio.connect_unix(path)
         except OSError as exc:
-            raise _connect_error(Path(path), exc) from exc
+            raise ConnectFailed(Path(path), exc) from exc
         return cls(stream, Path(path), max_reply)
 
     async def __aenter__(self) -> Self:
