@@ -34,11 +34,9 @@ from patchd.fetch.download import (
     local_copy,
     status_error,
 )
+from patchd.trust.manifest import MAX_DOCUMENT_BYTES
 
 log = structlog.get_logger("patchd.fetch.sources")
-
-#: Hard cap on manifest.json and manifest.json.sig (SPEC §2.1: endless data).
-MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
