@@ -24,8 +24,9 @@ from patchd.core.errors import (
     ServerError,
     TransientError,
 )
-from patchd.fetch.download import DownloadPolicy, meta_path
+from patchd.fetch import DownloadPolicy
 from patchd.fetch.sources import HttpSource
+from patchd.state.layout import DownloadFiles
 from support import badserver as _badserver
 from support.badserver import BadServer, Conn, Request
 
@@ -115,7 +116,7 @@ async def test_content_length_above_size_refused(badserver: BadServer, tmp_path:
     with pytest.raises(DownloadOversize) as info:
         await fetch(badserver, dest)
     assert info.value.bad_reason == "hash_mismatch"
-    assert not dest.exists() and not meta_path(dest).exists()
+    assert not dest.exists() and not DownloadFiles.beside(dest).meta.exists()
 
 
 async def test_body_longer_than_size_aborted(badserver: BadServer, tmp_path: Path) -> None:
@@ -302,7 +303,7 @@ async def test_gzip_encoded_body_is_hash_mismatch(badserver: BadServer, tmp_path
     dest = tmp_path / "b.patchd"
     with pytest.raises(BundleHashMismatch):
         await fetch(badserver, dest)
-    assert not dest.exists() and not meta_path(dest).exists()
+    assert not dest.exists() and not DownloadFiles.beside(dest).meta.exists()
 
 
 async def test_content_encoding_label_not_decoded(badserver: BadServer, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from patchd.core.errors import BundleNotFound, ManifestInvalid, RepositoryError
-from patchd.fetch.download import meta_path
 from patchd.fetch.sources import HttpSource, open_source
+from patchd.state.layout import DownloadFiles
 from support import nginx as _nginx
 from support.nginx import NginxRepo
 
@@ -68,7 +68,7 @@ async def test_fresh_download(nginx_repo: NginxRepo, bundle: tuple[bytes, str],
                            progress=lambda d, t: seen.append((d, t)))
     assert dest.read_bytes() == data
     assert seen[-1] == (SIZE, SIZE) and seen == sorted(seen)
-    assert not meta_path(dest).exists()
+    assert not DownloadFiles.beside(dest).meta.exists()
     [req] = bundle_requests(nginx_repo)
     assert (req.status, req.range) == (200, "")
 

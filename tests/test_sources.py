@@ -17,7 +17,8 @@ from patchd.core.errors import (
     ManifestInvalid,
     RepositoryError,
 )
-from patchd.fetch.download import parse_content_range, parse_retry_after, verify_file
+from patchd.fetch import verify_file
+from patchd.fetch.http import parse_content_range, parse_retry_after
 from patchd.fetch.sources import HttpSource, LocalSource, open_source
 from support import badserver as _badserver
 from support.badserver import BadServer, Conn, Request

@@ -3,7 +3,9 @@
 A repository is static files, reached over HTTP(S) or in a local directory
 (``file://`` URL or a plain path). Both kinds offer the same three operations:
 resolve a bundle URL against the manifest URL, fetch the manifest and its signature
-(conditionally), and download a bundle with the engine in :mod:`patchd.fetch.download`.
+(conditionally), and download a bundle through the template of
+:mod:`patchd.fetch.transfer` with their transport (:mod:`patchd.fetch.http`,
+:mod:`patchd.fetch.local`).
 
 One :class:`HttpSource` owns ONE ``httpx.AsyncClient`` for all its requests (connection
 reuse, proxies from the environment via ``trust_env``); use it as ``async with``.
@@ -12,33 +14,26 @@ reuse, proxies from the environment via ``trust_env``); use it as ``async with``
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
 import structlog
 
-from patchd.core.errors import ManifestInvalid, RepositoryError
-from patchd.fetch.download import (
-    DownloadPolicy,
-    Progress,
-    RateLimiter,
-    StallDeadline,
-    http_download,
-    http_errors,
-    local_copy,
-    status_error,
-)
+from patchd.core.errors import RepositoryError
+from patchd.fetch.http import HttpTransport, get_document
+from patchd.fetch.limits import DownloadPolicy, RateLimiter
+from patchd.fetch.local import LocalTransport, local_path, read_capped
+from patchd.fetch.pump import Progress
 
 log = structlog.get_logger("patchd.fetch.sources")
 
-#: Hard cap on manifest.json and manifest.json.sig (SPEC §2.1: endless data).
-MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+#: The download knobs of a LocalSource made without a policy (open_source passes one).
+LOCAL_POLICY = DownloadPolicy(stall_window=3600.0, stall_min_bytes=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +77,8 @@ class Source:
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
         progress: Progress | None,
     ) -> None:
-        """Bring ``url`` (already resolved) into ``dest``, verified and fsynced."""
+        """Bring ``url`` (already resolved) into ``dest``, verified and fsynced; the meta
+        lives beside it (:meth:`patchd.state.layout.DownloadFiles.beside`)."""
         raise NotImplementedError
 
 
@@ -128,6 +124,7 @@ class HttpSource(Source):
             headers={"Accept-Encoding": "identity", "User-Agent": "patchd"},
             transport=transport,
         )
+        self.bundles = HttpTransport(self.client, self.policy, self.limiter)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -142,66 +139,22 @@ class HttpSource(Source):
                 headers["If-None-Match"] = validators["etag"]
             if validators.get("last_modified"):
                 headers["If-Modified-Since"] = validators["last_modified"]
-        fetched = await self._get_document(self.manifest_url, headers)
+        fetched = await get_document(self.client, self.manifest_url, headers, self.policy)
         if fetched is None:
             log.debug("manifest.not_modified", url=self.manifest_url)
             return None
         manifest, new_validators = fetched
         sig_url = self.manifest_url + ".sig"
-        sig = await self._get_document(sig_url, {})
+        sig = await get_document(self.client, sig_url, {}, self.policy)
         assert sig is not None  # unconditional: never 304
         return ManifestFetch(manifest, sig[0], new_validators)
-
-    async def _get_document(
-        self, url: str, headers: dict[str, str]
-    ) -> tuple[bytes, dict[str, str]] | None:
-        # The download stall rule holds from the request on: a manifest trickled just
-        # under httpx's per-read timeout would otherwise hold every check for hours.
-        stall = StallDeadline(self.policy)
-        result: tuple[bytes, dict[str, str]] | None = None
-        with http_errors(url), stall.scope:
-            async with self.client.stream("GET", url, headers=headers) as resp:
-                if resp.status_code == 304 and headers:
-                    return None
-                if resp.status_code != 200:
-                    raise status_error(resp, url, bundle=False)
-                length = resp.headers.get("content-length", "")
-                if length.isdigit() and int(length) > MAX_DOCUMENT_BYTES:
-                    raise ManifestInvalid(f"{url} is larger than 4 MiB "
-                                          f"(Content-Length {length}); refused unread")
-                body = bytearray()
-                # Bytes on the wire, like bundles: the signature decides.
-                async for chunk in resp.aiter_raw():
-                    body += chunk
-                    stall.received(len(chunk))
-                    if len(body) > MAX_DOCUMENT_BYTES:
-                        raise ManifestInvalid(f"{url} is larger than 4 MiB; stopped reading")
-                found = {}
-                if resp.headers.get("etag"):
-                    found["etag"] = resp.headers["etag"]
-                if resp.headers.get("last-modified"):
-                    found["last_modified"] = resp.headers["last-modified"]
-                result = bytes(body), found
-        stall.check(url)
-        return result
 
     async def download(
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
         progress: Progress | None,
     ) -> None:
-        await http_download(self.client, url, dest, size=size, sha256=sha256, offset=offset,
-                            progress=progress, policy=self.policy, limiter=self.limiter)
-
-
-def _local_path(url: str) -> Path:
-    parts = urlsplit(url)
-    if parts.scheme.lower() == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise RepositoryError(f"file URL with a remote host is not supported: {url!r}")
-        return Path(unquote(parts.path))
-    if parts.scheme:
-        raise RepositoryError(f"a local repository cannot serve {url!r}")
-    return Path(url)
+        await self.bundles.download(url, dest, size=size, sha256=sha256, offset=offset,
+                                    progress=progress)
 
 
 class LocalSource(Source):
@@ -209,18 +162,18 @@ class LocalSource(Source):
 
     def __init__(self, manifest_url: str, *, policy: DownloadPolicy | None = None) -> None:
         super().__init__(manifest_url)
-        self.manifest_path = _local_path(manifest_url).absolute()
-        self.policy = policy
+        self.manifest_path = local_path(manifest_url).absolute()
+        self.bundles = LocalTransport(policy or LOCAL_POLICY)
 
     def resolve(self, url: str) -> str:
         if urlsplit(url).scheme:
-            return str(_local_path(url))
+            return str(local_path(url))
         return str(self.manifest_path.parent / url)
 
     async def fetch_manifest(self, validators: dict[str, str] | None) -> ManifestFetch | None:
-        manifest = await anyio.to_thread.run_sync(_read_capped, self.manifest_path)
+        manifest = await anyio.to_thread.run_sync(read_capped, self.manifest_path)
         sig_path = self.manifest_path.with_name(self.manifest_path.name + ".sig")
-        signature = await anyio.to_thread.run_sync(_read_capped, sig_path)
+        signature = await anyio.to_thread.run_sync(read_capped, sig_path)
         # A content hash as the ETag is exact where mtimes are coarse (FAT on a stick).
         etag = '"' + hashlib.sha256(manifest + b"\0" + signature).hexdigest()[:32] + '"'
         if validators and validators.get("etag") == etag:
@@ -231,19 +184,5 @@ class LocalSource(Source):
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
         progress: Progress | None,
     ) -> None:
-        await local_copy(_local_path(url), dest, size=size, sha256=sha256, offset=offset,
-                         progress=progress, policy=self.policy)
-
-
-def _read_capped(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise RepositoryError(f"{path}: not found in the local repository") from exc
-    except OSError as exc:
-        raise RepositoryError(f"{path}: cannot read: {exc.strerror}") from exc
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_DOCUMENT_BYTES + 1)
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise ManifestInvalid(f"{path} is larger than 4 MiB; refused")
-    return data
+        await self.bundles.download(str(local_path(url)), dest, size=size, sha256=sha256,
+                                    offset=offset, progress=progress)

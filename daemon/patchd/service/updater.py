@@ -24,7 +24,7 @@ from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
 from patchd.core.errors import BadInputError
 from patchd.core.model import Bad, BadReason, Build
-from patchd.fetch.download import remove_download, verify_file
+from patchd.fetch import remove_download, verify_file
 from patchd.fetch.sources import Source
 from patchd.service.events import EventQueue
 from patchd.state.client_state import ClientState, accepted, save_client_state

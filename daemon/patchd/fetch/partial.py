@@ -1,0 +1,244 @@
+"""The partial file: a download on disk, its running SHA-256, and the meta beside it.
+
+Everything here is blocking and runs in worker threads (the transfer template calls it
+through ``anyio.to_thread``), except :func:`verify_file`, which hops to threads itself.
+
+The file is always a prefix of *one* response stream: writes never go past the
+manifest's size, a restart truncates and fsyncs before anything new is recorded, and
+the meta (:class:`patchd.state.layout.DownloadFiles`, ``<data>.meta``) names the url,
+the expected sha256 and the origin's validators the prefix came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from patchd.core import fsio
+from patchd.core.errors import BundleHashMismatch, DiskFull, DownloadOversize
+from patchd.state.layout import DownloadFiles
+
+#: Bytes read from disk per step when hashing an existing prefix or a complete file.
+READ_CHUNK = 1024 * 1024
+
+#: Bytes written between two requests to start writeback (see PartialFile._start_writeback).
+WRITEBACK_STEP = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Validators:
+    """What names one version of the origin's file (HTTP ``ETag``/``Last-Modified``)."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+class PartialFile:
+    """The file being downloaded, its running SHA-256 and its length; used from threads.
+
+    Every method is blocking and must run in a worker thread. Writes never go past
+    ``size``; the file is always a prefix of one stream.
+    """
+
+    def __init__(self, files: DownloadFiles, size: int) -> None:
+        self.files = files
+        self.size = size
+        self.done = 0
+        self._flushed = 0
+        self._hash = hashlib.sha256()
+        self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"PartialFile({str(self.dest)!r}, done={self.done}, size={self.size})"
+
+    @property
+    def dest(self) -> Path:
+        return self.files.data
+
+    @classmethod
+    def open(cls, dest: Path, offset: int, size: int) -> PartialFile:
+        """Open ``dest`` to continue at ``offset`` (0 or no file: start fresh).
+
+        The bytes already there are hashed first. A file longer than ``offset`` is cut
+        back to it (the caller decided where to resume); a shorter one resumes at its
+        own length.
+        """
+        part = cls(DownloadFiles.beside(dest), size)
+        try:
+            have = dest.stat().st_size if offset > 0 else 0
+        except FileNotFoundError:
+            have = 0
+        start = min(have, offset, size)
+        with disk_errors(dest):
+            if start == 0:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                part._fd = os.open(dest, flags, 0o644)
+                return part
+            part._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+            if have > start:
+                os.ftruncate(part._fd, start)
+            part._hash_prefix(start)
+            part._flushed = part.done
+        return part
+
+    def _hash_prefix(self, length: int) -> None:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        while self.done < length:
+            data = os.read(self._fd, min(READ_CHUNK, length - self.done))
+            if not data:
+                break
+            self._hash.update(data)
+            self.done += len(data)
+        os.lseek(self._fd, self.done, os.SEEK_SET)
+
+    def write_batch(self, chunks: list[bytes]) -> int:
+        """Append and hash ``chunks``; raise before writing a byte beyond ``size``.
+
+        The chunks that fit are joined and written and hashed in one call each: every
+        call that releases the GIL must win it back from the event loop thread, which
+        can take a whole switch interval (5 ms), so fewer calls mean a faster download.
+        """
+        fits: list[bytes] = []
+        end = self.done
+        for chunk in chunks:
+            if end + len(chunk) > self.size:
+                break
+            fits.append(chunk)
+            end += len(chunk)
+        data = fits[0] if len(fits) == 1 else b"".join(fits)
+        with disk_errors(self.dest):
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self._hash.update(data)
+            self.done = end
+            if self.done - self._flushed >= WRITEBACK_STEP:
+                self._start_writeback()
+        if len(fits) < len(chunks):
+            raise DownloadOversize(
+                f"{self.dest.name}: server sent more than the manifest's "
+                f"{self.size} bytes; refusing it"
+            )
+        return self.done
+
+    def _start_writeback(self) -> None:
+        """Start writing what we wrote to disk now, without waiting for it.
+
+        The final fsync must make the whole file durable; left to the kernel, a large
+        download sits dirty in the page cache and that fsync then writes all of it
+        while nothing else happens. POSIX_FADV_DONTNEED on Linux starts asynchronous
+        writeback of the range (and drops pages already clean), so the disk works
+        while the network does.
+        """
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, self._flushed, self.done - self._flushed,
+                             os.POSIX_FADV_DONTNEED)
+        self._flushed = self.done
+
+    def restart(self) -> None:
+        """Start over from zero: truncate and make the truncation durable."""
+        with disk_errors(self.dest):
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.fsync(self._fd)
+        self._hash = hashlib.sha256()
+        self.done = 0
+        self._flushed = 0
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def finish(self) -> str:
+        """fsync and close; the digest of everything written."""
+        with disk_errors(self.dest):
+            os.fsync(self._fd)
+        self.close()
+        return self.hexdigest()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    # --- the meta: where the prefix came from ---
+
+    def read_origin(self, url: str, sha256: str) -> Validators | None:
+        """The validators the meta records; empty when there is no (readable) meta,
+        None when it names another url or sha256 (the prefix must not be resumed)."""
+        meta = fsio.read_json(self.files.meta)
+        if not isinstance(meta, dict):
+            return Validators()
+        if meta.get("url") != url or meta.get("sha256") != sha256:
+            return None
+        etag, last_modified = meta.get("etag"), meta.get("last_modified")
+        return Validators(
+            etag if isinstance(etag, str) and etag else None,
+            last_modified if isinstance(last_modified, str) and last_modified else None,
+        )
+
+    def record_origin(self, url: str, sha256: str, validators: Validators) -> None:
+        """Name the stream the file now holds a prefix of (after a start from zero)."""
+        meta = {"url": url, "sha256": sha256}
+        if validators.etag:
+            meta["etag"] = validators.etag
+        if validators.last_modified:
+            meta["last_modified"] = validators.last_modified
+        fsio.atomic_write_json(self.files.meta, meta)
+
+    def drop_origin(self) -> None:
+        """Delete the meta: the download is complete and verified."""
+        with contextlib.suppress(FileNotFoundError):
+            self.files.meta.unlink()
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """ENOSPC/EDQUOT become :class:`DiskFull` (transient: the partial data is kept)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left writing {path}; partial data kept") from exc
+        raise
+
+
+def remove_download(dest: Path) -> None:
+    """Delete a partial or complete download and its meta (absent is fine)."""
+    for path in DownloadFiles.beside(dest):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _hash_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        remaining = size + 1
+        while remaining > 0:
+            data = f.read(min(READ_CHUNK, remaining))
+            if not data:
+                break
+            digest.update(data)
+            remaining -= len(data)
+    return digest.hexdigest()
+
+
+async def verify_file(path: Path, size: int, sha256: str) -> None:
+    """Check a complete download against the manifest (in a thread).
+
+    Raises :class:`BundleHashMismatch` on a wrong size or hash, FileNotFoundError when
+    the file is gone (the caller then starts fresh).
+    """
+    have = (await anyio.to_thread.run_sync(path.stat)).st_size
+    if have != size:
+        raise BundleHashMismatch(f"{path.name}: {have} bytes on disk, manifest says {size}")
+    digest = await anyio.to_thread.run_sync(_hash_file, path, size)
+    if digest != sha256:
+        raise BundleHashMismatch(f"{path.name}: sha256 {digest}, manifest says {sha256}")
