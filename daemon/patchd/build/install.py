@@ -39,7 +39,7 @@ from patchd.trust.bundle import (
 )
 from patchd.core.errors import BadInputError, DiskFull, UsageError
 from patchd.core.fsio import fsync_dir, remove_tree
-from patchd.state.lifecycle import OLD_TREE_PREFIX, Lifecycle
+from patchd.state import OLD_TREE_PREFIX, Lifecycle
 from patchd.core.model import BadReason, Build, Installed
 from patchd.host.process import failpoint
 from patchd.trust.signing import TrustedKeys

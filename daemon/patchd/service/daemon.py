@@ -37,8 +37,7 @@ from patchd.host.systemd import Notifier, watchdog_interval
 from patchd.service.activity import ActivityBoard
 from patchd.service.events import EventQueue, send_pending
 from patchd.service.updater import Updater
-from patchd.state.client_state import load_client_state
-from patchd.state.lifecycle import Lifecycle
+from patchd.state import Lifecycle, load_client_state
 from patchd.trust.strategy import NO_UPGRADE, Decision
 
 log = structlog.get_logger("patchd.service.daemon")
@@ -85,7 +84,7 @@ class Daemon:
         self.lifecycle = Lifecycle.open(config.paths.state_dir, config.paths.cache_dir,
                                         config.app.release_dir)
         self.lock: threading.RLock = self.lifecycle.lock
-        self.client = load_client_state(config.paths.state_dir)
+        self.client = load_client_state(self.lifecycle.layout)
         self.events = EventQueue(config.paths.state_dir / "events.json", app=config.app.name,
                                  channel=config.server.channel,
                                  client_id=lambda: self.updater.client.client_id)

@@ -24,8 +24,7 @@ from patchd.fetch.download import remove_download, verify_file
 from patchd.fetch.sources import Source
 from patchd.service.activity import ActivityBoard
 from patchd.service.events import EventQueue
-from patchd.state.client_state import ClientState, accepted, save_client_state
-from patchd.state.lifecycle import Action, Lifecycle
+from patchd.state import Action, ClientState, Lifecycle, accepted, save_client_state
 from patchd.trust.manifest import Manifest, verify_manifest
 from patchd.trust.signing import TrustedKeys
 from patchd.trust.strategy import Decision, HostView, decide, rolled_back_builds
@@ -76,7 +75,7 @@ class Updater:
         if (manifest.serial, digest, new_validators) != (
                 self.client.manifest_serial, self.client.manifest_sha256, self.client.validators):
             self.client = accepted(self.client, manifest.serial, digest, new_validators)
-            save_client_state(self.lifecycle.state_dir, self.client)
+            save_client_state(self.lifecycle.layout, self.client)
         self._manifest = (data, sig)
         return manifest
 
