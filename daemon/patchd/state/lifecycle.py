@@ -144,8 +144,14 @@ class Lifecycle(LifecycleView):
 
     @locked
     def record_download_started(self, build: Build, url: str, sha256: str, size: int) -> None:
-        """Remember what is being downloaded before the first byte lands, so a restart
-        can resume it; install attempts carry over when the bytes are the same."""
+        """A fresh download: remember what is being downloaded before the first byte
+        lands, so a restart can resume it; install attempts carry over when the bytes
+        are the same.
+
+        Whatever download files the build had are deleted first (the downloader then
+        starts from byte 0). A crash between the two steps leaves the old state with no
+        file, which :meth:`decide_start` answers with a fresh start again.
+        """
         state = self.state(build)
         if isinstance(state, Bad) or (
                 isinstance(state, Installed) and self.layout.tree(build).is_dir()):
@@ -153,6 +159,7 @@ class Lifecycle(LifecycleView):
         attempts = 0
         if isinstance(state, Downloading | Downloaded) and state.sha256 == sha256:
             attempts = state.attempts
+        store.remove_download(self.download_files(build))
         self._write_state(build, Downloading(url, sha256, size, attempts), "download_started")
         log.info("lifecycle.download_started", build=str(build), url=url, size=size)
 

@@ -92,7 +92,11 @@ class LifecycleView:
         return self.layout.tree(build)
 
     def download_files(self, build: Build) -> DownloadFiles:
-        """Where the downloader keeps the build's bundle and its companion ``.meta``."""
+        """Where the downloader keeps the build's bundle and its companion ``.meta``.
+
+        The downloader writes them; only the lifecycle deletes them (a fresh
+        ``record_download_started``, an install, a retirement, start-up).
+        """
         return self.layout.download(build)
 
     def download_path(self, build: Build) -> Path:
