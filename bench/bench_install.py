@@ -46,13 +46,13 @@ from patchd.trust.signing import TrustedKeys
 state, cache, release, bundle, raw, clone = sys.argv[1:7]
 build = Build("1.0", 1)
 with Lifecycle.open(Path(state), Path(cache), Path(release)) as lc:
-    dest = lc.download_path(build)
-    shutil.copyfile(bundle, dest)
     h = hashlib.sha256()
-    with open(dest, "rb") as f:
+    with open(bundle, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    lc.record_download_started(build, "file:///bench", h.hexdigest(), dest.stat().st_size)
+    lc.record_download_started(build, "file:///bench", h.hexdigest(), Path(bundle).stat().st_size)
+    dest = lc.download_path(build)
+    shutil.copyfile(bundle, dest)
     lc.record_download_complete(build)
     req = InstallRequest(build=build, bundle=dest, kind="patch", app="bench", arch="x86_64",
                          trust=TrustedKeys.from_raw([bytes.fromhex(raw)], 1), clone=clone)

@@ -27,7 +27,7 @@ from patchd.core.errors import (
 )
 from patchd.core.model import Bad, BadReason, Build, Downloaded, Downloading, Installed
 from patchd.host import process
-from patchd.state.lifecycle import (
+from patchd.state import (
     FAILPOINTS,
     MAX_INSTALL_ATTEMPTS,
     Action,

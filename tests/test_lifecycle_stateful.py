@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from patchd.core import fsio
 from patchd.core.errors import BadInputError, LifecycleError
 from patchd.core.model import BadReason, Build, Downloaded
-from patchd.state.lifecycle import Action, Lifecycle
+from patchd.state import Action, Lifecycle
 from support.lifecycle_child import (
     check_invariants,
     download,

@@ -30,7 +30,8 @@ from typing import Any
 from patchd.build.verify import verify_tree
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.core.model import Bad, Build, Downloaded, Downloading, Installed, State, state_from_json
-from patchd.state.lifecycle import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TREE_DIR, Pointers
+from patchd.state import Pointers
+from patchd.state.layout import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TREE_DIR
 from support.daemon import DaemonProcess
 
 Listing = dict[str, tuple[Any, ...]]

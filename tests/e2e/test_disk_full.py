@@ -29,7 +29,7 @@ from invariants import (
 
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.core.model import Build, Downloaded, Downloading, Installed
-from patchd.state.lifecycle import STAGING_DIR
+from patchd.state.layout import STAGING_DIR
 from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess
 

@@ -83,10 +83,10 @@ def file_sha(path: Path) -> str:
 
 def stage_download(lc: Lifecycle, build: Build, bundle: Path) -> Path:
     """Put ``bundle`` where the downloader would have, with the states it would record."""
+    sha, size = file_sha(bundle), bundle.stat().st_size
+    lc.record_download_started(build, f"https://updates.example/{build}.patchd", sha, size)
     dest = lc.download_path(build)
     shutil.copyfile(bundle, dest)
-    sha, size = file_sha(dest), dest.stat().st_size
-    lc.record_download_started(build, f"https://updates.example/{build}.patchd", sha, size)
     lc.record_download_complete(build)
     return dest
 

@@ -26,7 +26,8 @@ from patchd.core.model import (
     Installed,
     state_from_json,
 )
-from patchd.state.lifecycle import CURRENT_LINK, POINTERS_FILE, Action, Lifecycle, Pointers
+from patchd.state import Action, Lifecycle, Pointers
+from patchd.state.layout import CURRENT_LINK, POINTERS_FILE
 
 REASONS = list(BadReason)
 #: How often the random driver picks each transition: mostly progress, some failure.

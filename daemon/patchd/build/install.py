@@ -35,7 +35,7 @@ from patchd.core.errors import BadInputError, DiskFull, InstallCancelled, UsageE
 from patchd.core.fsio import fsync_dir, remove_tree
 from patchd.core.model import Build, Installed
 from patchd.host.process import failpoint
-from patchd.state.lifecycle import OLD_TREE_PREFIX, Lifecycle
+from patchd.state import OLD_TREE_PREFIX, Lifecycle
 from patchd.trust import (
     BundleHeader,
     BundleReader,

@@ -34,8 +34,7 @@ from patchd.service.events import EventQueue, send_pending
 from patchd.service.jobs import Job, JobRunner
 from patchd.service.schedule import backoff_delay
 from patchd.service.updater import Updater
-from patchd.state.client_state import load_client_state
-from patchd.state.lifecycle import Lifecycle
+from patchd.state import Lifecycle, load_client_state
 from patchd.trust import BundleHeader, Decision, read_header_unverified
 
 __all__ = ["Daemon", "run_command"]
@@ -53,7 +52,7 @@ class Daemon:
         self.board = ActivityBoard()
         self.lifecycle = Lifecycle.open(config.paths.state_dir, config.paths.cache_dir,
                                         config.app.release_dir)
-        client = load_client_state(config.paths.state_dir)
+        client = load_client_state(self.lifecycle.layout)
         self.updater: Updater
         self.events = EventQueue(config.paths.state_dir / "events.json", app=config.app.name,
                                  channel=config.server.channel,

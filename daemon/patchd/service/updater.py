@@ -24,11 +24,10 @@ from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
 from patchd.core.errors import BadInputError
 from patchd.core.model import Bad, BadReason, Build
-from patchd.fetch import remove_download, verify_file
+from patchd.fetch import verify_file
 from patchd.fetch.sources import Source
 from patchd.service.events import EventQueue
-from patchd.state.client_state import ClientState, accepted, save_client_state
-from patchd.state.lifecycle import Action, Lifecycle
+from patchd.state import Action, ClientState, Lifecycle, accepted, save_client_state
 from patchd.trust import (
     BundleRef,
     Decision,
@@ -102,7 +101,7 @@ class Updater:
         if (manifest.serial, digest, new_validators) != (
                 self.client.manifest_serial, self.client.manifest_sha256, self.client.validators):
             self.client = accepted(self.client, manifest.serial, digest, new_validators)
-            save_client_state(self.lifecycle.state_dir, self.client)
+            save_client_state(self.lifecycle.layout, self.client)
         self._manifest = (data, sig)
         return manifest
 
@@ -166,9 +165,10 @@ class Updater:
         dest = lc.download_path(build)
         if action in (Action.FRESH, Action.RESUME):
             if action is Action.FRESH:
-                await anyio.to_thread.run_sync(remove_download, dest)
-                with lc.lock:
-                    lc.record_download_started(build, url, ref.sha256, ref.size)
+                # The lifecycle drops any older download of the build (perhaps large: off
+                # the event loop) before it records the new one.
+                await anyio.to_thread.run_sync(lc.record_download_started, build, url,
+                                               ref.sha256, ref.size)
             job.show("downloading", build, offset, ref.size)
             await source.download(url, dest, size=ref.size, sha256=ref.sha256,
                                   offset=offset, progress=job.progress)

@@ -1,1 +1,63 @@
-"""TODO"""
+"""The state layer: everything patchd knows about this host, on disk.
+
+It holds the state of every build (``builds/R/N/state.json``), the boot pointers
+(``pointers.json``) and the ``current`` link, all owned by :class:`Lifecycle`; this
+host's identity and the last manifest it accepted (``client.json``, see
+:func:`load_client_state`); and the name of every path, in :class:`Layout`.
+
+Pure and synchronous: no async, no network, nothing read but the state and cache
+directories, ``release_dir/VERSION`` and ``/proc`` (is a booting host alive?). Each
+call is a few small file operations (atomic writes, renames, unlinks), short enough to
+run under the lifecycle's lock from the event loop or from the installer's worker
+thread. That keeps every transition a plain function of what is on disk, which the
+crash tests can stop at any write (:data:`FAILPOINTS`) and which start-up repairs; the
+decisions that need no I/O at all (:func:`decide_download`, :func:`choose_next_boot`)
+are tested without a state directory.
+
+Modules: ``layout`` (paths), ``pointers`` (``pointers.json`` and the pure decisions),
+``store`` (one file read or written), ``view`` (the queries), ``lifecycle`` (the
+transitions), ``recovery`` (start-up), ``client_state`` (``client.json``). The model
+types (``Build``, the states, ``BadReason``) live in :mod:`patchd.core.model`.
+"""
+
+from patchd.state.client_state import (
+    ClientState,
+    accepted,
+    load_client_state,
+    save_client_state,
+)
+from patchd.state.layout import OLD_TREE_PREFIX, DownloadFiles, Layout
+from patchd.state.lifecycle import (
+    FAILPOINTS,
+    MAX_INSTALL_ATTEMPTS,
+    WRITE_SITES,
+    AliveCheck,
+    EventHook,
+    Lifecycle,
+    ValidityCheck,
+)
+from patchd.state.pointers import Action, Decision, Pointers, choose_next_boot, decide_download
+from patchd.state.view import LifecycleView
+
+__all__ = [
+    "FAILPOINTS",
+    "MAX_INSTALL_ATTEMPTS",
+    "OLD_TREE_PREFIX",
+    "WRITE_SITES",
+    "Action",
+    "AliveCheck",
+    "ClientState",
+    "Decision",
+    "DownloadFiles",
+    "EventHook",
+    "Layout",
+    "Lifecycle",
+    "LifecycleView",
+    "Pointers",
+    "ValidityCheck",
+    "accepted",
+    "choose_next_boot",
+    "decide_download",
+    "load_client_state",
+    "save_client_state",
+]

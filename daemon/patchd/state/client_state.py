@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from patchd.core.fsio import atomic_write_json, read_json
+from patchd.state.layout import Layout
+
+__all__ = ["ClientState", "accepted", "load_client_state", "save_client_state"]
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,9 @@ class ClientState:
                 "manifest_sha256": self.manifest_sha256, "validators": self.validators}
 
 
-def load_client_state(state_dir: Path) -> ClientState:
+def load_client_state(layout: Layout) -> ClientState:
     """Read client.json, creating a new client id when absent or unreadable."""
-    path = state_dir / "client.json"
-    doc = read_json(path)
+    doc = read_json(layout.client)
     if isinstance(doc, dict) and isinstance(doc.get("client_id"), str) and doc["client_id"]:
         serial = doc.get("manifest_serial")
         digest = doc.get("manifest_sha256")
@@ -46,12 +47,12 @@ def load_client_state(state_dir: Path) -> ClientState:
         )
         return state
     state = ClientState(client_id=str(uuid.uuid4()))
-    save_client_state(state_dir, state)
+    save_client_state(layout, state)
     return state
 
 
-def save_client_state(state_dir: Path, state: ClientState) -> None:
-    atomic_write_json(state_dir / "client.json", state.to_json())
+def save_client_state(layout: Layout, state: ClientState) -> None:
+    atomic_write_json(layout.client, state.to_json())
 
 
 def accepted(state: ClientState, serial: int, sha256: str,

@@ -6,11 +6,11 @@ it. The tree it describes::
 
     state_dir/
       .lock                          flock: one process per state directory
-      pointers.json                  the boot pointers
+      pointers.json                  the boot pointers (SPEC §3.3, plus "os_release")
       client.json                    client id, accepted manifest serial and validators
       events.json                    events not yet delivered to the collector
       current -> builds/R/N/tree     next boot's tree (absolute path for release_dir)
-      builds/R/N/state.json          one build's state
+      builds/R/N/state.json          one build's state (SPEC §3.2)
       builds/R/N/tree/               its installed tree
       builds/R/N/.staging-tree/      the installer's work in progress
       builds/R/N/.patchd-tmp-old-tree-*  a tree moved aside by a reinstall
@@ -18,7 +18,8 @@ it. The tree it describes::
       R-N.patchd                     a partial or complete download
       R-N.patchd.meta                the origin's validators, for If-Range
 
-Pure path arithmetic: nothing here touches the filesystem.
+Pure path arithmetic: nothing here touches the filesystem. The bare names are module
+constants too, for code that walks a directory and must recognise what it finds.
 """
 
 from __future__ import annotations
@@ -30,10 +31,38 @@ from pathlib import Path
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.core.model import Build
 
-__all__ = ["OLD_TREE_PREFIX", "DownloadFiles", "Layout"]
+__all__ = [
+    "BUILDS_DIR",
+    "CLIENT_FILE",
+    "CURRENT_LINK",
+    "DOWNLOADS_DIR",
+    "DOWNLOAD_META_SUFFIX",
+    "DOWNLOAD_SUFFIX",
+    "EVENTS_FILE",
+    "LOCK_FILE",
+    "OLD_TREE_PREFIX",
+    "POINTERS_FILE",
+    "STAGING_DIR",
+    "STATE_FILE",
+    "TREE_DIR",
+    "DownloadFiles",
+    "Layout",
+]
 
+LOCK_FILE = ".lock"
+POINTERS_FILE = "pointers.json"
+CLIENT_FILE = "client.json"
+EVENTS_FILE = "events.json"
+CURRENT_LINK = "current"
+BUILDS_DIR = "builds"
+STATE_FILE = "state.json"
+TREE_DIR = "tree"
+STAGING_DIR = ".staging-tree"
 #: A build's tree moved aside by a reinstall while a host may still run it.
 OLD_TREE_PREFIX = TEMP_PREFIX + "old-tree-"
+DOWNLOADS_DIR = "downloads"
+DOWNLOAD_SUFFIX = ".patchd"
+DOWNLOAD_META_SUFFIX = ".meta"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +78,7 @@ class DownloadFiles:
     @classmethod
     def beside(cls, data: Path) -> DownloadFiles:
         """The pair for a download at ``data`` (a local bundle, a benchmark's file)."""
-        return cls(data, data.with_name(data.name + ".meta"))
+        return cls(data, data.with_name(data.name + DOWNLOAD_META_SUFFIX))
 
     def __iter__(self) -> Iterator[Path]:
         """Both paths, data first: ``for path in files: remove(path)``."""
@@ -63,36 +92,36 @@ class Layout:
     state_dir: Path
     cache_dir: Path
 
-    STATE_FILE = "state.json"
-    TREE_DIR = "tree"
-    STAGING_DIR = ".staging-tree"
-    DOWNLOAD_SUFFIX = ".patchd"
+    STATE_FILE = STATE_FILE
+    TREE_DIR = TREE_DIR
+    STAGING_DIR = STAGING_DIR
+    DOWNLOAD_SUFFIX = DOWNLOAD_SUFFIX
 
     # --- state_dir ---
 
     @property
     def lock(self) -> Path:
-        return self.state_dir / ".lock"
+        return self.state_dir / LOCK_FILE
 
     @property
     def pointers(self) -> Path:
-        return self.state_dir / "pointers.json"
+        return self.state_dir / POINTERS_FILE
 
     @property
     def client(self) -> Path:
-        return self.state_dir / "client.json"
+        return self.state_dir / CLIENT_FILE
 
     @property
     def events(self) -> Path:
-        return self.state_dir / "events.json"
+        return self.state_dir / EVENTS_FILE
 
     @property
     def current(self) -> Path:
-        return self.state_dir / "current"
+        return self.state_dir / CURRENT_LINK
 
     @property
     def builds(self) -> Path:
-        return self.state_dir / "builds"
+        return self.state_dir / BUILDS_DIR
 
     def release_dir(self, release: str) -> Path:
         """``builds/R``: every build of one release."""
@@ -116,7 +145,7 @@ class Layout:
 
     @property
     def downloads(self) -> Path:
-        return self.cache_dir / "downloads"
+        return self.cache_dir / DOWNLOADS_DIR
 
     def download(self, build: Build) -> DownloadFiles:
         data = self.downloads / f"{build.release}-{build.patch}{self.DOWNLOAD_SUFFIX}"
