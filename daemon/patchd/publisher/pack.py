@@ -10,11 +10,9 @@ mtime/owner, single-threaded zstd).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
-import secrets
 import stat
 import tarfile
 import tempfile
@@ -28,7 +26,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from patchd.core.errors import PackError, UnsafePath
-from patchd.core.fsio import fsync_dir
+from patchd.core.fsio import atomic_file
 from patchd.trust import (
     BundleHeader,
     DeleteOp,
@@ -265,31 +263,22 @@ def pack(
         header_bytes = header.to_bytes()
         parse_header(header_bytes)  # validate what we sign, exactly as a reader will
         sig = sign_document(header_bytes, private_keys)
-        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
-        try:
-            _write_archive(tmp, header_bytes, sig, ops, Path(target), spool, planner.spooled)
-            os.replace(tmp, out)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-    fsync_dir(out.parent)
+        with atomic_file(out) as raw:
+            _write_archive(raw, header_bytes, sig, ops, Path(target), spool, planner.spooled)
     log.info("pack.complete", out=str(out), ops=len(ops), unpacked_size=unpacked,
              size=out.stat().st_size)
     return header
 
 
-def _write_archive(tmp: Path, header_bytes: bytes, sig: bytes, ops: list[Op], target: Path,
-                   spool: IO[bytes], spooled: dict[str, tuple[int, int]]) -> None:
-    with open(tmp, "xb") as raw:
-        cctx = zstandard.ZstdCompressor(level=OUTER_LEVEL, write_checksum=True)
-        with cctx.stream_writer(raw, closefd=False) as zw, tarfile.open(
-            fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT
-        ) as tf:
-            tf.addfile(_member("bundle.json", len(header_bytes)), io.BytesIO(header_bytes))
-            tf.addfile(_member("bundle.sig", len(sig)), io.BytesIO(sig))
-            for op in ops:
-                if isinstance(op, FileOp | DeltaOp):
-                    _write_payload(tf, op, target, spool, spooled)
-        raw.flush()
-        os.fsync(raw.fileno())
+def _write_archive(raw: IO[bytes], header_bytes: bytes, sig: bytes, ops: list[Op],
+                   target: Path, spool: IO[bytes], spooled: dict[str, tuple[int, int]]) -> None:
+    """The zstd-compressed tar stream into ``raw`` (``atomic_file`` makes it durable)."""
+    cctx = zstandard.ZstdCompressor(level=OUTER_LEVEL, write_checksum=True)
+    with cctx.stream_writer(raw, closefd=False) as zw, tarfile.open(
+        fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT
+    ) as tf:
+        tf.addfile(_member("bundle.json", len(header_bytes)), io.BytesIO(header_bytes))
+        tf.addfile(_member("bundle.sig", len(sig)), io.BytesIO(sig))
+        for op in ops:
+            if isinstance(op, FileOp | DeltaOp):
+                _write_payload(tf, op, target, spool, spooled)

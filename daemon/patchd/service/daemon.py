@@ -22,7 +22,13 @@ import structlog
 from anyio.abc import TaskGroup
 
 from patchd.config import Config, load_config
-from patchd.core.errors import BundleInvalid, ConfigError, TransientError, UsageError
+from patchd.core.errors import (
+    BundleInvalid,
+    ConfigError,
+    PatchdError,
+    TransientError,
+    UsageError,
+)
 from patchd.core.model import Bad, Build, Installed, release_newer
 from patchd.fetch.sources import Source, open_source
 from patchd.host.logs import configure_logging
@@ -328,5 +334,24 @@ def run_command(args: argparse.Namespace) -> int:
         daemon = Daemon(config_path, config)  # anyio primitives need the running loop
         await daemon.run()
 
-    anyio.run(main)
+    try:
+        anyio.run(main)
+    except BaseExceptionGroup as group:
+        # A task group wraps what its tasks raise; a patchd error (the socket is taken)
+        # must reach the CLI as itself, for its one line and its exit code.
+        first = _first_patchd_error(group)
+        if first is None:
+            raise
+        raise first from None
     return 0
+
+
+def _first_patchd_error(group: BaseExceptionGroup[BaseException]) -> PatchdError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_patchd_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, PatchdError):
+            return exc
+    return None
