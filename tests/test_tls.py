@@ -138,9 +138,9 @@ async def test_unchanged_poll_is_one_request_without_a_new_handshake(tmp_path: P
 
 async def test_system_store_refuses_a_private_ca(tmp_path: Path, ca: trustme.CA) -> None:
     """Without ca_file a private CA is unknown: the error names the issuer problem."""
-    with serve(tmp_path, ca) as repo:
-        with pytest.raises(RepositoryError, match="unable to get local issuer certificate"):
-            await fetch(repo, settings(tmp_path))
+    with (serve(tmp_path, ca) as repo,
+          pytest.raises(RepositoryError, match="unable to get local issuer certificate")):
+        await fetch(repo, settings(tmp_path))
 
 
 async def test_wrong_ca_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
@@ -153,16 +153,16 @@ async def test_wrong_ca_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
 
 async def test_hostname_mismatch_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
     """A certificate for another name is refused, and the error says mismatch."""
-    with serve(tmp_path, ca, identities=("repo.example",)) as repo:
-        with pytest.raises(RepositoryError, match="mismatch, certificate is not valid for"):
-            await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
+    with (serve(tmp_path, ca, identities=("repo.example",)) as repo,
+          pytest.raises(RepositoryError, match="mismatch, certificate is not valid for")):
+        await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
 
 
 async def test_expired_certificate_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
     """An expired server certificate is refused, and the error says expired."""
-    with serve(tmp_path, ca, expired=True) as repo:
-        with pytest.raises(RepositoryError, match="certificate has expired"):
-            await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
+    with (serve(tmp_path, ca, expired=True) as repo,
+          pytest.raises(RepositoryError, match="certificate has expired")):
+        await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
 
 
 async def test_mutual_tls_needs_the_client_certificate(tmp_path: Path, ca: trustme.CA) -> None:
@@ -181,9 +181,9 @@ async def test_mutual_tls_needs_the_client_certificate(tmp_path: Path, ca: trust
 async def test_bearer_token_from_headers_file(tmp_path: Path, ca: trustme.CA) -> None:
     """nginx demanding a bearer token serves only a host with the headers file."""
     check = f'if ($http_authorization != "{TOKEN}") {{ return 401; }}'
-    with serve(tmp_path, ca, location=check) as repo:
-        with pytest.raises(RepositoryError, match="server answered 401"):
-            await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
+    with (serve(tmp_path, ca, location=check) as repo,
+          pytest.raises(RepositoryError, match="server answered 401")):
+        await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
         headers = tmp_path / "headers"
         headers.write_text(f"# the fleet's token\nAuthorization: {TOKEN}\n")
         headers.chmod(0o600)
@@ -203,9 +203,9 @@ def test_headers_file_readable_by_others_is_refused(tmp_path: Path) -> None:
 
 async def test_redirect_to_plain_http_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
     """An https repository redirecting to http:// is refused, not followed."""
-    with serve(tmp_path, ca, location="return 302 http://127.0.0.1:9/manifest.json;") as repo:
-        with pytest.raises(RedirectRefused, match="from https to http; refused"):
-            await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
+    with (serve(tmp_path, ca, location="return 302 http://127.0.0.1:9/manifest.json;") as repo,
+          pytest.raises(RedirectRefused, match="from https to http; refused")):
+        await fetch(repo, settings(tmp_path, ca_file=ca_file(tmp_path, ca)))
 
 
 async def test_resume_over_tls(tmp_path: Path, ca: trustme.CA) -> None:
