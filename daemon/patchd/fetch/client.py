@@ -98,6 +98,14 @@ async def _refuse_downgrade(response: httpx.Response) -> None:
                               f"{target.scheme}; refused (fix the server or the URL)")
 
 
+async def _finish_not_modified(response: httpx.Response) -> None:
+    """Response hook: a 304 has no body by definition (h11 reads none), but unless it
+    is read the connection is not known to be idle and is closed, so the next poll
+    would pay a new TCP and TLS handshake. Reading it returns it to the pool."""
+    if response.status_code == 304:
+        await response.aread()
+
+
 def build_client(settings: TransportSettings,
                  transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """A new client for ``settings`` (costly: see the module's docstring)."""
@@ -113,7 +121,7 @@ def build_client(settings: TransportSettings,
         verify=ssl_context(settings),
         proxy=settings.proxy or None,
         headers=headers,
-        event_hooks={"response": [_refuse_downgrade]},
+        event_hooks={"response": [_refuse_downgrade, _finish_not_modified]},
         transport=transport,
     )
 
