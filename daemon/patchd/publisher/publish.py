@@ -21,6 +21,7 @@ CLI arguments expected (docs/cli.md):
   publish --repo DIR --app A --channel C --key KEYFILE... [--rollout P]
           [--expires 30d] BUNDLE...           → publish(...)
   publish ... --roll-back RELEASE:PATCH       → roll_back(...)
+  (every --key KEYFILE may also be --sign-cmd CMD; root create|sign: publisher/roots.py)
 """
 
 from __future__ import annotations
