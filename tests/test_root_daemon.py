@@ -4,6 +4,7 @@ keeps polls cheap, and refuses a revoked key and a frozen (replayed) repository.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +37,15 @@ def log_records(d: DaemonProcess) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             out.append(record)
     return out
+
+
+def replace_manifest(repo: Path, data: bytes) -> None:
+    """Write the manifest with a later mtime: nginx's ETag is mtime and size, so a
+    same-size rewrite within the same second would otherwise answer 304."""
+    path = repo / "manifest.json"
+    later = path.stat().st_mtime + 10
+    path.write_bytes(data)
+    os.utime(path, (later, later))
 
 
 def refused_check(d: DaemonProcess, error_class: str) -> None:
@@ -107,12 +117,12 @@ def test_daemon_follows_rotation_and_refuses_revoked_key_and_freeze(tmp_path: Pa
             doc["serial"] += 1
             data = (json.dumps(doc, indent=2) + "\n").encode()
             (repo_dir / "manifest.json.sig").write_bytes(sign_document(data, [old_key]))
-            (repo_dir / "manifest.json").write_bytes(data)
+            replace_manifest(repo_dir, data)
             refused_check(d, "ManifestKeyRevoked")
 
             # Freeze: the whole pre-rotation repository replayed (root 1, old manifest).
-            for name, blob in frozen.items():
-                (repo_dir / name).write_bytes(blob)
+            (repo_dir / "manifest.json.sig").write_bytes(frozen["manifest.json.sig"])
+            replace_manifest(repo_dir, frozen["manifest.json"])
             refused_check(d, "ManifestRootRollback")
             assert (d.state_dir / "root.json").read_bytes() == accepted
             assert state_of(d.status(), "1.0", 2) == "installed"
