@@ -205,11 +205,11 @@ def test_a_drifted_command_would_be_caught() -> None:
 
 def test_every_cli_command_is_documented() -> None:
     """Every subcommand of the CLI appears in at least one documented command line."""
-    used = {" ".join(args[:2]) if args[:1] in (["boot"], ["config"]) else args[0]
+    used = {" ".join(args[:2]) if args[:1] in (["boot"], ["config"], ["root"]) else args[0]
             for _, args in documented_commands() if args}
     expected = {"run", "config check", "status", "watch", "check", "install", "rollback",
                 "boot-target", "boot start", "boot success", "boot failure", "keygen", "pack",
-                "publish", "demo"}
+                "publish", "root create", "root sign", "demo"}
     assert expected <= used, f"undocumented: {sorted(expected - used)}"
 
 

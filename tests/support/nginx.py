@@ -7,6 +7,11 @@ requests were (not) made. No root needed: nginx runs with its own prefix, config
 pid and log files under the temp directory. Skipped, with the reason shown, only
 where ``/usr/sbin/nginx`` is missing. ``run_nginx(root, workdir)`` is the same
 without pytest, for bench/.
+
+``run_nginx(..., tls=NginxTls(...))`` serves HTTPS instead (optionally requiring a
+client certificate), and ``location`` adds directives to the one ``location /``
+(e.g. a bearer-token check); the access log then also names each request's
+connection, so a test counts TCP connections (= TLS handshakes).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +32,7 @@ import pytest
 
 NGINX = os.environ.get("PATCHD_NGINX", "/usr/sbin/nginx")
 
-_LOG_RE = re.compile(r'^(\S+) (\S+) (\d+) (\d+) "([^"]*)" "([^"]*)" "([^"]*)"$')
+_LOG_RE = re.compile(r'^(\S+) (\S+) (\d+) (\d+) "([^"]*)" "([^"]*)" "([^"]*)"(?: (\d+))?$')
 
 _CONF = """\
 {user}worker_processes 1;
@@ -37,7 +43,7 @@ events {{ worker_connections 256; }}
 http {{
     default_type application/octet-stream;
     log_format patchd '$request_method $uri $status $body_bytes_sent '
-                      '"$http_range" "$http_if_range" "$http_if_none_match"';
+                      '"$http_range" "$http_if_range" "$http_if_none_match" $connection';
     access_log {work}/access.log patchd;
     client_body_temp_path {work}/tmp/body;
     proxy_temp_path {work}/tmp/proxy;
@@ -47,12 +53,40 @@ http {{
     sendfile on;
     keepalive_requests 100000;
     server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location / {{ }}
+        listen 127.0.0.1:{port}{ssl};
+{tls}        root {root};
+        location / {{ {location} }}
     }}
 }}
 """
+
+
+@dataclass(frozen=True)
+class NginxTls:
+    """HTTPS for :func:`run_nginx`: the server's PEM chain and key; with ``client_ca``,
+    a client certificate signed by that CA is required (``ssl_verify_client on``)."""
+
+    cert_chain: Path
+    key: Path
+    client_ca: Path | None = None
+    #: What the test's own barrier connection shows when a client certificate is needed.
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def directives(self) -> str:
+        lines = [f"ssl_certificate {self.cert_chain};", f"ssl_certificate_key {self.key};"]
+        if self.client_ca is not None:
+            lines += [f"ssl_client_certificate {self.client_ca};", "ssl_verify_client on;"]
+        return "".join(f"        {line}\n" for line in lines)
+
+    def barrier_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if self.client_cert is not None:
+            ctx.load_cert_chain(self.client_cert, self.client_key)
+        return ctx
+
 
 
 @dataclass(frozen=True)
@@ -66,6 +100,7 @@ class LogLine:
     range: str
     if_range: str
     if_none_match: str
+    connection: int = 0
 
 
 @dataclass
@@ -76,6 +111,7 @@ class NginxRepo:
     base_url: str
     access_log: Path
     process: subprocess.Popen[bytes]
+    tls: NginxTls | None = None
 
     def __iter__(self) -> Iterator[object]:
         return iter((self.root, self.base_url))
@@ -90,9 +126,10 @@ class NginxRepo:
             m = _LOG_RE.match(line)
             if m is None:
                 raise AssertionError(f"unexpected access log line: {line!r}")
-            method, path, status, sent, *quoted = m.groups()
+            method, path, status, sent, *quoted, conn = m.groups()
             rng, if_range, inm = ("" if q == "-" else q.replace("\\x22", '"') for q in quoted)
-            out.append(LogLine(method, path, int(status), int(sent), rng, if_range, inm))
+            out.append(LogLine(method, path, int(status), int(sent), rng, if_range, inm,
+                               int(conn or 0)))
         return out
 
     def wait_for_request(self, path: str, count: int = 1, timeout: float = 5.0) -> None:
@@ -107,7 +144,10 @@ class NginxRepo:
     def barrier(self) -> list[LogLine]:
         """Make a marker request and wait for it: every earlier request is then logged."""
         marker = f"/.barrier-{time.monotonic_ns()}"
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(socket.create_connection(("127.0.0.1", self.port), timeout=5))
+            if self.tls is not None:
+                s = stack.enter_context(self.tls.barrier_context().wrap_socket(s))
             s.sendall(f"GET {marker} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             while s.recv(65536):
                 pass
@@ -138,7 +178,8 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) ->
 
 
 @contextlib.contextmanager
-def run_nginx(root: Path, work: Path) -> Iterator[NginxRepo]:
+def run_nginx(root: Path, work: Path, tls: NginxTls | None = None,
+              location: str = "") -> Iterator[NginxRepo]:
     """Start nginx serving ``root`` with its files under ``work``; stop it after."""
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     for _attempt in range(5):  # a free port may be taken between probe and bind
@@ -146,7 +187,9 @@ def run_nginx(root: Path, work: Path) -> Iterator[NginxRepo]:
         conf = work / "nginx.conf"
         # As root, nginx's workers would drop to "nobody" and be refused the 0700 temp dirs.
         user = "user root;\n" if os.geteuid() == 0 else ""
-        conf.write_text(_CONF.format(user=user, work=work, root=root.resolve(), port=port))
+        conf.write_text(_CONF.format(user=user, work=work, root=root.resolve(), port=port,
+                                     ssl=" ssl" if tls else "",
+                                     tls=tls.directives() if tls else "", location=location))
         (work / "access.log").touch()
         proc = subprocess.Popen(
             [NGINX, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)],
@@ -160,7 +203,8 @@ def run_nginx(root: Path, work: Path) -> Iterator[NginxRepo]:
     else:
         raise RuntimeError(f"nginx did not start: {last_error}")
     try:
-        yield NginxRepo(root, f"http://127.0.0.1:{port}", work / "access.log", proc)
+        scheme = "https" if tls else "http"
+        yield NginxRepo(root, f"{scheme}://127.0.0.1:{port}", work / "access.log", proc, tls)
     finally:
         proc.terminate()
         try:

@@ -35,6 +35,8 @@ HANDLERS: dict[str, str] = {
     "keygen": "patchd.publisher.commands:keygen_command",
     "pack": "patchd.publisher.commands:pack_command",
     "publish": "patchd.publisher.commands:publish_command",
+    "root create": "patchd.publisher.commands:root_create_command",
+    "root sign": "patchd.publisher.commands:root_sign_command",
     "demo": "patchd.cli.demo:demo_command",
 }
 
@@ -50,6 +52,15 @@ class _Parser(argparse.ArgumentParser):
 def _add_app(p: argparse.ArgumentParser) -> None:
     p.add_argument("app", nargs="?", help="the app instance (socket /run/patchd/APP.sock)")
     p.add_argument("--socket", type=Path, help="talk to this socket instead")
+
+
+def _add_signers(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--key KEYFILE`` and ``--sign-cmd CMD`` (docs/formats.md#signing-commands)."""
+    p.add_argument("--key", type=Path, action="append", metavar="KEYFILE",
+                   help="private key file" + (" (or --sign-cmd; one is needed)"
+                                              if required else ""))
+    p.add_argument("--sign-cmd", action="append", metavar="CMD",
+                   help="sign through CMD (payload on stdin, signature on stdout)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--full", action="store_true")
     p.add_argument("--base", type=Path, help="the release's tree (patch bundles)")
     p.add_argument("--target", type=Path, required=True, help="the tree to produce")
-    p.add_argument("--key", type=Path, action="append", required=True, metavar="KEYFILE")
+    _add_signers(p)
     p.add_argument("--arch", default="any")
     p.add_argument("--no-delta", action="store_true", help="never use delta ops")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="BUNDLE")
@@ -124,11 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--app", required=True)
     p.add_argument("--channel", required=True)
-    p.add_argument("--key", type=Path, action="append", required=True, metavar="KEYFILE")
+    _add_signers(p)
     p.add_argument("--rollout", type=int, help="percentage of hosts (0-100)")
     p.add_argument("--expires", default="30d", help="validity of the manifest (default 30d)")
     p.add_argument("--roll-back", metavar="RELEASE:PATCH", help="mark a patch rolled back")
     p.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE")
+
+    p = sub.add_parser("root", help="the repository's root of trust: create and sign versions")
+    root_sub = p.add_subparsers(dest="root_command", metavar="ACTION", parser_class=_Parser)
+    root_sub.required = True
+    q = root_sub.add_parser("create", help="write the next root version (1 if none)")
+    q.add_argument("--repo", type=Path, required=True)
+    q.add_argument("--root-key", action="append", metavar="PUBKEY",
+                   help="ed25519:... key that signs roots (default: the previous root's)")
+    q.add_argument("--root-threshold", type=int, metavar="N")
+    q.add_argument("--updates-key", action="append", metavar="PUBKEY",
+                   help="ed25519:... key that signs manifests and bundles")
+    q.add_argument("--updates-threshold", type=int, metavar="N")
+    q.add_argument("--expires", default="365d", help="validity of the root (default 365d)")
+    _add_signers(q, required=False)
+    q = root_sub.add_parser("sign", help="add signatures to a root version")
+    q.add_argument("--repo", type=Path, required=True)
+    q.add_argument("--version", type=int, help="the root version (default: the newest)")
+    _add_signers(q, required=False)
 
     p = sub.add_parser("demo", help="the whole flow in a temp directory, no root")
     p.add_argument("--keep", action="store_true", help="keep the temp directory")
@@ -136,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_name(args: argparse.Namespace) -> str:
-    for sub_attr in ("config_command", "boot_command"):
+    for sub_attr in ("config_command", "boot_command", "root_command"):
         if getattr(args, sub_attr, None):
             return f"{args.command} {getattr(args, sub_attr)}"
     return str(args.command)

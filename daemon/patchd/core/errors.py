@@ -16,17 +16,27 @@ The class of an error decides the policy, so the policy lives here and nowhere e
     │   ├── BundleHashMismatch      a download or payload hashes to the wrong value
     │   │   └── DownloadOversize      more bytes than the signed size
     │   ├── SignatureInvalid        bundle header signature missing/untrusted/below threshold
+    │   │   └── KeyRevoked            signed by a key the accepted root no longer lists
     │   └── InstallLoop             installs started too often without finishing
     ├── ConfigError               logged; the daemon keeps running and serving the socket
     │   ├── ConfigFileError         the config file is unreadable or invalid (names the key)
     │   │   └── ConfigErrors          every problem of one file, a line each
     │   ├── RepositoryError         manifest 404, TLS failure, unsupported URL
-    │   └── ManifestRejected        the manifest is refused; nothing changes on the host
-    │       ├── ManifestInvalid       not JSON, wrong types, too large
-    │       ├── ManifestSignatureInvalid
-    │       ├── ManifestExpired       freeze attack
-    │       ├── ManifestSerialRollback  lower serial, or same serial with other bytes
-    │       └── ManifestMismatch      app or channel differ from the config
+    │   │   └── RedirectRefused       a redirect from https:// to http://
+    │   ├── TransportConfigError    CA, client certificate or headers file unusable
+    │   ├── ManifestRejected        the manifest is refused; nothing changes on the host
+    │   │   ├── ManifestInvalid       not JSON, wrong types, too large
+    │   │   ├── ManifestSignatureInvalid
+    │   │   │   └── ManifestKeyRevoked  signed by a key revoked in the accepted root
+    │   │   ├── ManifestExpired       freeze attack
+    │   │   ├── ManifestSerialRollback  lower serial, or same serial with other bytes
+    │   │   ├── ManifestMismatch      app or channel differ from the config
+    │   │   └── ManifestRootRollback  names a root version older than the accepted one
+    │   └── RootRejected            a root of trust is refused; the accepted root stays
+    │       ├── RootInvalid           not JSON, wrong types, threshold 0, duplicate keys
+    │       ├── RootSignatureInvalid  below threshold of the old root's or its own keys
+    │       ├── RootVersionInvalid    rollback, or a gap in the chain of versions
+    │       └── RootExpired           the newest root's ``expires`` has passed
     ├── LifecycleError            a transition the build's state does not allow
     │   ├── IllegalTransition       names the build, its state and the transition
     │   ├── NotBootTarget           the host reported another build than the boot target
@@ -42,6 +52,7 @@ The class of an error decides the policy, so the policy lives here and nowhere e
     │   └── CommandFailed           the daemon answered with an error (see SOCKET_ERRORS)
     ├── SocketInUse               another process listens on the socket path
     ├── PackError                 the publisher cannot pack these trees
+    ├── SignCommandFailed         a ``--sign-cmd`` failed or returned a bad signature
     ├── DemoFailed                a step of ``patchd demo`` did not turn out as told
     ├── StateLocked               another process owns the state directory
     └── UsageError                the CLI was called wrongly (exit 2)
@@ -148,6 +159,10 @@ class SignatureInvalid(BadInputError):
     bad_reason = "signature_invalid"
 
 
+class KeyRevoked(SignatureInvalid):
+    """Signed (only) by keys a newer root removed: a stolen key must stop counting."""
+
+
 # --- configuration and trust -----------------------------------------------------------
 
 
@@ -186,6 +201,14 @@ class RepositoryError(ConfigError):
     exit_code = 1
 
 
+class RedirectRefused(RepositoryError):
+    """An https:// request was redirected to http://: the rest would be unauthenticated."""
+
+
+class TransportConfigError(ConfigError):
+    """The CA file, client certificate or headers file cannot be used as configured."""
+
+
 class ManifestRejected(ConfigError):
     """The manifest was refused; the host keeps what it has."""
 
@@ -210,6 +233,37 @@ class ManifestSerialRollback(ManifestRejected):
 
 class ManifestMismatch(ManifestRejected):
     """The manifest is for another app or channel."""
+
+
+class ManifestKeyRevoked(ManifestSignatureInvalid):
+    """The manifest is signed by keys the accepted root revoked (and not enough others)."""
+
+
+class ManifestRootRollback(ManifestRejected):
+    """The manifest names an older root version than the host accepted (freeze/replay)."""
+
+
+class RootRejected(ConfigError):
+    """A root of trust from the repository (or a pinned file) was refused; the host
+    keeps the root it accepted before."""
+
+    exit_code = 1
+
+
+class RootInvalid(RootRejected):
+    """The root document breaks the format: types, a threshold of 0, duplicate keys."""
+
+
+class RootSignatureInvalid(RootRejected):
+    """A new root lacks a threshold of the previous root's keys, or of its own."""
+
+
+class RootVersionInvalid(RootRejected):
+    """A root's version is not the next one, or a version in the chain is missing."""
+
+
+class RootExpired(RootRejected):
+    """The newest root's ``expires`` has passed: the host refuses to go on trusting it."""
 
 
 # --- lifecycle ---------------------------------------------------------------------------
@@ -313,6 +367,10 @@ class SocketInUse(PatchdError):
 
 class PackError(PatchdError):
     """The trees cannot be packed (special files, unsafe links, files changing under us)."""
+
+
+class SignCommandFailed(PatchdError):
+    """A ``--sign-cmd`` exited non-zero, timed out, or printed no valid signature."""
 
 
 class DemoFailed(PatchdError):

@@ -7,8 +7,14 @@ resolve a bundle URL against the manifest URL, fetch the manifest and its signat
 :mod:`patchd.fetch.transfer` with their transport (:mod:`patchd.fetch.http`,
 :mod:`patchd.fetch.local`).
 
-One :class:`HttpSource` owns ONE ``httpx.AsyncClient`` for all its requests (connection
-reuse, proxies from the environment via ``trust_env``); use it as ``async with``.
+One :class:`HttpSource` uses ONE ``httpx.AsyncClient`` for all its requests (connection
+reuse, proxies from the environment via ``trust_env``): the daemon's shared client
+(:mod:`patchd.fetch.client`, built once per transport configuration), else one of its
+own that it closes; use it as ``async with``.
+
+Root versions live at ``root/N.json`` (and ``.sig``) beside the manifest
+(docs/formats.md#the-root-of-trust); one that cannot be fetched for a reason a retry
+will not fix is a gap in the chain (:class:`RootVersionInvalid`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import anyio
 import httpx
 import structlog
 
-from patchd.core.errors import RepositoryError
+from patchd.core.errors import RepositoryError, RootVersionInvalid
+from patchd.fetch.client import TransportSettings, build_client
 from patchd.fetch.http import HttpTransport, get_document
 from patchd.fetch.limits import DownloadPolicy, RateLimiter
 from patchd.fetch.local import LocalTransport, local_path, read_capped
@@ -73,6 +80,24 @@ class Source:
         """Manifest and signature, or None when unchanged since ``validators``."""
         raise NotImplementedError
 
+    @staticmethod
+    def root_name(version: int) -> str:
+        """Where root ``version`` is, relative to the manifest (docs/formats.md)."""
+        return f"root/{version}.json"
+
+    async def fetch_root(self, version: int) -> tuple[bytes, bytes]:
+        """Root ``version``'s document and signature file, unconditionally."""
+        url = self.resolve(self.root_name(version))
+        try:
+            return await self._fetch_pair(url)
+        except RepositoryError as exc:
+            raise RootVersionInvalid(
+                f"root version {version} cannot be fetched ({exc}); a gap in the chain"
+            ) from exc
+
+    async def _fetch_pair(self, url: str) -> tuple[bytes, bytes]:
+        raise NotImplementedError
+
     async def download(
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
         progress: Progress | None,
@@ -84,19 +109,20 @@ class Source:
 
 def open_source(
     manifest_url: str, *, timeout: float, max_rate: int = 0, max_redirects: int = 5,
-    policy: DownloadPolicy | None = None,
+    policy: DownloadPolicy | None = None, client: httpx.AsyncClient | None = None,
 ) -> Source:
     """The source for ``manifest_url``: HTTP(S), or local for ``file://`` and paths.
 
     ``timeout`` is the connect and between-bytes timeout; the stall window defaults to
     twice it. ``policy`` overrides the download knobs (tests use small stall values).
+    ``client``: a shared HTTP client (not closed by the source).
     """
     scheme = urlsplit(manifest_url).scheme.lower()
     if policy is None:
         policy = DownloadPolicy(stall_window=max(2 * timeout, 1.0), max_rate=max_rate)
     if scheme in ("http", "https"):
         return HttpSource(manifest_url, timeout=timeout, max_redirects=max_redirects,
-                          policy=policy)
+                          policy=policy, client=client)
     if scheme in ("", "file"):
         return LocalSource(manifest_url, policy=policy)
     raise RepositoryError(f"unsupported URL scheme {scheme!r} in {manifest_url!r}; "
@@ -110,24 +136,20 @@ class HttpSource(Source):
         self, manifest_url: str, *, timeout: float, max_redirects: int = 5,
         policy: DownloadPolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        client: httpx.AsyncClient | None = None,
     ) -> None:
         super().__init__(manifest_url)
         self.policy = policy or DownloadPolicy()
         # One limiter for the source, so the configured rate holds across downloads.
         self.limiter = RateLimiter(self.policy.max_rate)
-        self.client = httpx.AsyncClient(
-            http2=False,
-            follow_redirects=True,
-            max_redirects=max_redirects,
-            timeout=httpx.Timeout(connect=timeout, read=timeout, write=timeout, pool=timeout),
-            trust_env=True,
-            headers={"Accept-Encoding": "identity", "User-Agent": "patchd"},
-            transport=transport,
-        )
+        self._owns_client = client is None
+        self.client = client if client is not None else build_client(
+            TransportSettings(timeout=timeout, max_redirects=max_redirects), transport)
         self.bundles = HttpTransport(self.client, self.policy, self.limiter)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._owns_client:
+            await self.client.aclose()
 
     def resolve(self, url: str) -> str:
         return str(httpx.URL(self.manifest_url).join(url))
@@ -148,6 +170,12 @@ class HttpSource(Source):
         sig = await get_document(self.client, sig_url, {}, self.policy)
         assert sig is not None  # unconditional: never 304
         return ManifestFetch(manifest, sig[0], new_validators)
+
+    async def _fetch_pair(self, url: str) -> tuple[bytes, bytes]:
+        doc = await get_document(self.client, url, {}, self.policy)
+        sig = await get_document(self.client, url + ".sig", {}, self.policy)
+        assert doc is not None and sig is not None  # unconditional: never 304
+        return doc[0], sig[0]
 
     async def download(
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,
@@ -179,6 +207,12 @@ class LocalSource(Source):
         if validators and validators.get("etag") == etag:
             return None
         return ManifestFetch(manifest, signature, {"etag": etag})
+
+    async def _fetch_pair(self, url: str) -> tuple[bytes, bytes]:
+        path = Path(url)
+        doc = await anyio.to_thread.run_sync(read_capped, path)
+        sig = await anyio.to_thread.run_sync(read_capped, path.with_name(path.name + ".sig"))
+        return doc, sig
 
     async def download(
         self, url: str, dest: Path, *, size: int, sha256: str, offset: int,

@@ -2,7 +2,9 @@
 
 ``pack`` writes a bundle (deterministic, streaming, deltas where they pay), ``publish``
 maintains the signed manifest and the bundles of a static repository, ``commands`` is
-the argparse glue of ``patchd keygen|pack|publish``. Only these write what hosts trust.
+the argparse glue of ``patchd keygen|pack|publish|root``, ``roots`` creates and signs
+versions of the root of trust, ``signer`` signs through a command (``--sign-cmd``) so
+keys can stay in an HSM or offline. Only these write what hosts trust.
 """
 
 from patchd.publisher.pack import pack

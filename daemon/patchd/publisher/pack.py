@@ -23,7 +23,6 @@ from typing import IO
 
 import structlog
 import zstandard
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from patchd.core.errors import PackError, UnsafePath
 from patchd.core.fsio import atomic_file
@@ -38,7 +37,7 @@ from patchd.trust import (
     check_link_target,
     parse_header,
 )
-from patchd.trust.signing import sign_document
+from patchd.trust.signing import Signer, sign_document
 
 log = structlog.get_logger("patchd.publisher.pack")
 
@@ -247,7 +246,7 @@ def pack(
     arch: str,
     base: Path | None,
     target: Path,
-    private_keys: Sequence[Ed25519PrivateKey],
+    private_keys: Sequence[Signer],
     out: Path,
     delta: bool = True,
 ) -> BundleHeader:

@@ -21,6 +21,7 @@ CLI arguments expected (docs/cli.md):
   publish --repo DIR --app A --channel C --key KEYFILE... [--rollout P]
           [--expires 30d] BUNDLE...           → publish(...)
   publish ... --roll-back RELEASE:PATCH       → roll_back(...)
+  (every --key KEYFILE may also be --sign-cmd CMD; root create|sign: publisher/roots.py)
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patchd.core.errors import BundleInvalid, UsageError
+from patchd.core.errors import BundleInvalid, SignatureInvalid, UsageError
 from patchd.core.fsio import atomic_file, atomic_write_bytes
 from patchd.core.model import is_valid_release
+from patchd.publisher import roots
 from patchd.publisher.pack import pack
 from patchd.trust import BundleHeader, read_header_unverified
 from patchd.trust.manifest import (
@@ -49,19 +51,26 @@ from patchd.trust.manifest import (
     manifest_to_json,
     parse_manifest,
 )
-from patchd.trust.signing import generate_key, load_private_key, sign_document
+from patchd.trust.signing import (
+    Signer,
+    generate_key,
+    load_private_key,
+    sign_document,
+    verify_document,
+)
 
 log = structlog.get_logger("patchd.publisher.publish")
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"
-Key = Path | Ed25519PrivateKey
+#: A key file, a loaded key, or any signer (``--sign-cmd``: :mod:`patchd.publisher.signer`).
+Key = Path | Ed25519PrivateKey | Signer
 
 
-def _load_keys(keys: Sequence[Key]) -> list[Ed25519PrivateKey]:
+def load_signers(keys: Sequence[Key]) -> list[Signer]:
     if not keys:
-        raise UsageError("at least one --key is needed")
-    return [k if isinstance(k, Ed25519PrivateKey) else load_private_key(k) for k in keys]
+        raise UsageError("at least one --key or --sign-cmd is needed")
+    return [load_private_key(k) if isinstance(k, Path | str) else k for k in keys]
 
 
 def keygen(out: Path) -> str:
@@ -86,7 +95,7 @@ def pack_command(*, app: str, release: str, patch: int | None, full: bool, base:
             raise UsageError(f"{tree} is not a directory")
     return pack(app=app, release=release, patch=0 if full else int(patch or 0),
                 kind="full" if full else "patch", arch=arch, base=base, target=Path(target),
-                private_keys=_load_keys(keys), out=Path(out), delta=delta)
+                private_keys=load_signers(keys), out=Path(out), delta=delta)
 
 
 def _load_manifest(repo: Path, app: str, channel: str, now: datetime) -> Manifest:
@@ -138,11 +147,31 @@ def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int 
     return replace(manifest, releases=releases)
 
 
-def _write(repo: Path, manifest: Manifest, keys: list[Ed25519PrivateKey]) -> None:
+def _write(repo: Path, manifest: Manifest, keys: list[Signer]) -> Manifest:
+    """Sign and write the manifest under the repository's newest complete root.
+
+    With a root in the repository, the manifest names its version and the signatures
+    must meet that root's updates threshold: a publish with a revoked or unknown key
+    fails here instead of on every host.
+    """
+    root = roots.newest_complete(repo)
+    if roots.versions(repo) and root is None:
+        raise UsageError(f"{repo / roots.ROOT_DIR}: root version 1 is not signed by its "
+                         "own root keys; run 'patchd root sign'")
+    manifest = replace(manifest, root_version=root.version if root else 1)
     data = (json.dumps(manifest_to_json(manifest), indent=2) + "\n").encode()
-    atomic_write_bytes(repo / SIGNATURE, sign_document(data, keys))
+    sig = sign_document(data, keys)
+    if root is not None:
+        try:
+            verify_document(data, sig, root.updates.trusted())
+        except SignatureInvalid as exc:
+            raise UsageError(f"these keys do not sign for root version {root.version}'s "
+                             f"updates role: {exc}") from None
+    atomic_write_bytes(repo / SIGNATURE, sig)
     atomic_write_bytes(repo / MANIFEST, data)
-    log.info("publish.manifest_written", repo=str(repo), serial=manifest.serial)
+    log.info("publish.manifest_written", repo=str(repo), serial=manifest.serial,
+             root_version=manifest.root_version)
+    return manifest
 
 
 def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Sequence[Path],
@@ -155,7 +184,7 @@ def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Se
         raise UsageError(f"{Path(repo) / MANIFEST} does not exist: name a bundle to publish")
     # No bundles: re-sign the manifest with a new serial and expiry (a renewal before
     # the current one expires), changing nothing else.
-    private = _load_keys(keys)
+    private = load_signers(keys)
     now = now or datetime.now(UTC)
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
@@ -170,14 +199,13 @@ def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Se
         manifest = _add(manifest, header, BundleRef(header.arch, url, size, sha), rollout)
         log.info("publish.bundle_added", bundle=str(path), url=url)
     manifest = replace(manifest, serial=manifest.serial + 1, expires=now + expires)
-    _write(repo, manifest, private)
-    return manifest
+    return _write(repo, manifest, private)
 
 
 def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: str,
               patch: int, expires: timedelta, *, now: datetime | None = None) -> Manifest:
     """Mark ``release`` patch ``patch`` rolled back, bump the serial and re-sign."""
-    private = _load_keys(keys)
+    private = load_signers(keys)
     now = now or datetime.now(UTC)
     repo = Path(repo)
     if not (repo / MANIFEST).exists():
@@ -190,8 +218,7 @@ def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: 
     releases[release] = replace(entry, rolled_back=entry.rolled_back | {patch})
     manifest = replace(manifest, releases=releases, serial=manifest.serial + 1,
                        expires=now + expires)
-    _write(repo, manifest, private)
-    return manifest
+    return _write(repo, manifest, private)
 
 
 def parse_roll_back(text: str) -> tuple[str, int]:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-import httpx
 import structlog
 from anyio.abc import TaskGroup
 
@@ -30,6 +29,7 @@ from patchd.core.errors import (
     UsageError,
 )
 from patchd.core.model import Bad, Build, Installed, release_newer
+from patchd.fetch.client import HttpClients, TransportSettings
 from patchd.fetch.sources import Source, open_source
 from patchd.host.logs import configure_logging
 from patchd.host.systemd import Notifier, watchdog_interval
@@ -60,11 +60,13 @@ class Daemon:
                                         config.app.release_dir)
         client = load_client_state(self.lifecycle.layout)
         self.updater: Updater
-        self.events = EventQueue(config.paths.state_dir / "events.json", app=config.app.name,
+        self.events = EventQueue(self.lifecycle.layout.events, app=config.app.name,
                                  channel=config.server.channel,
                                  client_id=lambda: self.updater.client.client_id)
         self.lifecycle.on_event = self.events.add
         self.updater = Updater(config, self.lifecycle, client, self.events)
+        #: One HTTP client per transport configuration, for the repository and events.
+        self.http = HttpClients()
         self.source: Source = self._open_source(config)
         self.runner = JobRunner(self.board, on_job_end=self.wake_events)
         self.boot = BootKeeper(self.lifecycle, lambda: self.config, on_change=self.wake_events)
@@ -79,10 +81,12 @@ class Daemon:
     def __repr__(self) -> str:
         return f"<Daemon {self.config.app.name} {self.board.current.summary()}>"
 
-    @staticmethod
-    def _open_source(config: Config) -> Source:
-        return open_source(config.server.manifest_url, timeout=config.server.timeout,
-                           max_rate=config.install.max_download_rate)
+    def _open_source(self, config: Config) -> Source:
+        url = config.server.manifest_url
+        client = (self.http.get(TransportSettings.from_config(config.server))
+                  if url.startswith(("http://", "https://")) else None)
+        return open_source(url, timeout=config.server.timeout,
+                           max_rate=config.install.max_download_rate, client=client)
 
     def wake_events(self) -> None:
         """Something queued events (or may have): let the sender look."""
@@ -197,6 +201,7 @@ class Daemon:
         log.debug("daemon.tasks_ended")
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.source.aclose()
+            await self.http.aclose()
         self.lifecycle.close()
         log.info("daemon.stopped")
 
@@ -223,28 +228,23 @@ class Daemon:
             await anyio.sleep(interval)
 
     async def _event_sender(self) -> None:
+        """POST queued events through the repository's client (same CA, client
+        certificate, headers and proxy; closed with the daemon)."""
         failures = 0
-        client: httpx.AsyncClient | None = None
-        try:
-            while True:
-                with anyio.move_on_after(backoff_delay(failures, 3600) if failures else None):
-                    await self._wake_sender.wait()
-                self._wake_sender = anyio.Event()
-                url = self.config.server.events_url
-                if not url or not len(self.events):
-                    continue
-                if client is None:
-                    client = httpx.AsyncClient(timeout=self.config.server.timeout)
-                try:
-                    await send_pending(self.events, client, url)
-                    failures = 0
-                except TransientError as exc:
-                    failures += 1
-                    log.warning("events.send_failed", error=str(exc), failures=failures)
-        finally:
-            if client is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    await client.aclose()
+        while True:
+            with anyio.move_on_after(backoff_delay(failures, 3600) if failures else None):
+                await self._wake_sender.wait()
+            self._wake_sender = anyio.Event()
+            url = self.config.server.events_url
+            if not url or not len(self.events):
+                continue
+            client = self.http.get(TransportSettings.from_config(self.config.server))
+            try:
+                await send_pending(self.events, client, url)
+                failures = 0
+            except TransientError as exc:
+                failures += 1
+                log.warning("events.send_failed", error=str(exc), failures=failures)
 
     # --- config reload -------------------------------------------------------------
 
@@ -287,12 +287,15 @@ class Daemon:
         for name in ("paths", "api"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("config.restart_needed", section=name)
-        if (old.server.manifest_url, old.server.timeout, old.install.max_download_rate) != (
-                new.server.manifest_url, new.server.timeout, new.install.max_download_rate):
+        if (old.server.manifest_url, old.install.max_download_rate,
+                TransportSettings.from_config(old.server)) != (
+                new.server.manifest_url, new.install.max_download_rate,
+                TransportSettings.from_config(new.server)):
             await self.runner.cancel(only="update")
             old_source, self.source = self.source, self._open_source(new)
             self.updater.forget_manifest()
             await old_source.aclose()
+            await self.http.close_retired()
         self.updater.config = new
         self.events.channel = new.server.channel
         log.info("config.reloaded", source=new.source)

@@ -22,7 +22,7 @@ import structlog
 
 from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
-from patchd.core.errors import BadInputError
+from patchd.core.errors import BadInputError, ManifestRootRollback
 from patchd.core.model import Bad, BadReason, Build
 from patchd.fetch import verify_file
 from patchd.fetch.sources import Source
@@ -38,6 +38,8 @@ from patchd.trust import (
     rolled_back_builds,
     verify_manifest,
 )
+from patchd.trust.manifest import peek_root_version
+from patchd.trust.root_store import RootKeeper
 
 __all__ = ["Progress", "Updater"]
 
@@ -67,13 +69,23 @@ class Updater:
         self.client = client
         self.events = events
         self._manifest: tuple[bytes, bytes] | None = None
+        self._roots: RootKeeper | None = None
 
     def __repr__(self) -> str:
         return f"<Updater {self.config.app.name} serial={self.client.manifest_serial}>"
 
     @property
+    def roots(self) -> RootKeeper:
+        """The accepted root; made again when a reload changed the bootstrap."""
+        bootstrap = self.config.trust.bootstrap
+        if self._roots is None or self._roots.bootstrap != bootstrap:
+            self._roots = RootKeeper(self.lifecycle.layout.root, bootstrap)
+        return self._roots
+
+    @property
     def trust(self) -> TrustedKeys:
-        return TrustedKeys.from_raw(list(self.config.trust.raw_keys), self.config.trust.threshold)
+        """The keys manifests and bundle headers must be signed by: the accepted root's."""
+        return self.roots.updates_trust()
 
     def forget_manifest(self) -> None:
         """The next check fetches the manifest unconditionally (the source changed)."""
@@ -93,10 +105,20 @@ class Updater:
                 fetched = await source.fetch_manifest(None)
             assert fetched is not None
             data, sig, new_validators = fetched.manifest, fetched.signature, fetched.validators
+        now = datetime.now(UTC)
+        # The root moves first, and only when the manifest names a newer one: an
+        # unchanged poll stays one conditional GET. A refused root changes nothing.
+        roots, claimed = self.roots, peek_root_version(data)
+        await roots.advance(claimed, source.fetch_root, now)
+        if claimed < roots.version:
+            raise ManifestRootRollback(
+                f"manifest is signed under root version {claimed}, older than the "
+                f"accepted root version {roots.version} (a replayed or frozen repository)")
+        roots.check_current(now)
         manifest = verify_manifest(
             data, sig, self.trust, app=self.config.app.name, channel=self.config.server.channel,
             min_serial=self.client.manifest_serial, same_serial_sha256=self.client.manifest_sha256,
-            now=datetime.now(UTC))
+            now=now)
         digest = hashlib.sha256(data).hexdigest()
         if (manifest.serial, digest, new_validators) != (
                 self.client.manifest_serial, self.client.manifest_sha256, self.client.validators):

@@ -8,6 +8,7 @@ it. The tree it describes::
       .lock                          flock: one process per state directory
       pointers.json                  the boot pointers (SPEC §3.3, plus "os_release")
       client.json                    client id, accepted manifest serial and validators
+      root.json                      the accepted root of trust and its bootstrap
       events.json                    events not yet delivered to the collector
       current -> builds/R/N/tree     next boot's tree (absolute path for release_dir)
       builds/R/N/state.json          one build's state (SPEC §3.2)
@@ -52,6 +53,7 @@ __all__ = [
 LOCK_FILE = ".lock"
 POINTERS_FILE = "pointers.json"
 CLIENT_FILE = "client.json"
+ROOT_FILE = "root.json"
 EVENTS_FILE = "events.json"
 CURRENT_LINK = "current"
 BUILDS_DIR = "builds"
@@ -110,6 +112,11 @@ class Layout:
     @property
     def client(self) -> Path:
         return self.state_dir / CLIENT_FILE
+
+    @property
+    def root(self) -> Path:
+        """The accepted root of trust (``trust.root_store`` keeps it)."""
+        return self.state_dir / ROOT_FILE
 
     @property
     def events(self) -> Path:

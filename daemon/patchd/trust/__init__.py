@@ -1,9 +1,11 @@
 """What a host may believe: signatures, the manifest, bundles, and the update decision.
 
-Everything from the repository is hostile until this layer has verified it. Nothing
-here touches the host's state: the modules parse and verify bytes (``signing``,
-``manifest``, ``bundle_header``, ``bundle_reader``) or decide from verified data
-(``strategy``, pure). The layers above fetch the bytes and carry out the decisions.
+Everything from the repository is hostile until this layer has verified it. The
+modules parse and verify bytes (``signing``, ``manifest``, ``root``, ``bundle_header``,
+``bundle_reader``) or decide from verified data (``strategy``, pure). The layers above
+fetch the bytes and carry out the decisions. One exception touches the host:
+``root_store`` keeps the accepted root of trust (``root.json`` beside ``client.json``),
+because what a host may believe must outlive a restart.
 """
 
 from patchd.trust.bundle_header import (
@@ -38,6 +40,8 @@ from patchd.trust.manifest import (
     parse_manifest,
     verify_manifest,
 )
+from patchd.trust.root import Root, parse_root, verify_next
+from patchd.trust.root_store import Bootstrap, RootKeeper
 from patchd.trust.signing import (
     TrustedKeys,
     format_public_key,
@@ -52,6 +56,7 @@ from patchd.trust.strategy import NO_UPGRADE, Decision, HostView, decide, rolled
 
 __all__ = [
     "NO_UPGRADE",
+    "Bootstrap",
     "BundleHeader",
     "BundleReader",
     "BundleRef",
@@ -69,6 +74,8 @@ __all__ = [
     "Payload",
     "PayloadOp",
     "ReleaseEntry",
+    "Root",
+    "RootKeeper",
     "SymlinkOp",
     "TrustedKeys",
     "check_expected",
@@ -85,9 +92,11 @@ __all__ = [
     "parse_header",
     "parse_manifest",
     "parse_public_key",
+    "parse_root",
     "read_header_unverified",
     "rolled_back_builds",
     "sign_document",
     "verify_document",
     "verify_manifest",
+    "verify_next",
 ]

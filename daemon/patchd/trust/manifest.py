@@ -15,8 +15,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from patchd.core.errors import (
+    KeyRevoked,
     ManifestExpired,
     ManifestInvalid,
+    ManifestKeyRevoked,
     ManifestMismatch,
     ManifestSerialRollback,
     ManifestSignatureInvalid,
@@ -85,6 +87,8 @@ class Manifest:
     expires: datetime
     releases: dict[str, ReleaseEntry]
     full: FullEntry | None = None
+    #: The root version whose ``updates`` keys signed this manifest (docs/formats.md).
+    root_version: int = 1
 
 
 def _bundle_for(bundles: tuple[BundleRef, ...], arch: str) -> BundleRef | None:
@@ -218,7 +222,28 @@ def parse_manifest(data: bytes) -> Manifest:
         expires=_parse_expires(top.get("expires")),
         releases=releases,
         full=full,
+        root_version=_int(top, "root_version", "document", 1, default=1),
     )
+
+
+def peek_root_version(data: bytes) -> int:
+    """The root version an (unverified) manifest claims to be signed under; 1 if absent.
+
+    Read before the signature is checked, only to know whether the root must be
+    fetched first. A lie costs the liar nothing but a refused check: the chain of
+    roots verifies on its own, and the manifest must then verify under the root it
+    named (the same bytes, so the claim is signed once the signature verifies).
+    """
+    if len(data) > MAX_DOCUMENT_BYTES:
+        return 1
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return 1
+    value = doc.get("root_version", 1) if isinstance(doc, dict) else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return 1
+    return value
 
 
 def verify_manifest(
@@ -241,6 +266,8 @@ def verify_manifest(
         raise ManifestInvalid(f"manifest or its signature is over {MAX_DOCUMENT_BYTES} bytes")
     try:
         verify_document(data, sig, trust)
+    except KeyRevoked as exc:
+        raise ManifestKeyRevoked(f"manifest signature: {exc}") from exc
     except SignatureInvalid as exc:
         raise ManifestSignatureInvalid(f"manifest signature: {exc}") from exc
     manifest = parse_manifest(data)
@@ -295,4 +322,6 @@ def manifest_to_json(m: Manifest) -> dict[str, Any]:
     }
     if m.full is not None:
         doc["full"] = {"release": m.full.release, "bundles": _bundles_json(m.full.bundles)}
+    if m.root_version != 1:
+        doc["root_version"] = m.root_version
     return doc

@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from cryptography.exceptions import InvalidSignature
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from patchd.core.errors import ConfigError, SignatureInvalid
+from patchd.core.errors import ConfigError, KeyRevoked, SignatureInvalid
 
 log = structlog.get_logger("patchd.trust.signing")
 
@@ -110,12 +110,26 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+class Signer(Protocol):
+    """Anything that signs with one Ed25519 key: a loaded private key, or a signing
+    command standing for an HSM, a KMS or an offline machine (``--sign-cmd``)."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def public_key(self) -> Ed25519PublicKey: ...
+
+
 @dataclass(frozen=True)
 class TrustedKeys:
-    """The public keys a document may be signed by, and how many must agree."""
+    """The public keys a document may be signed by, and how many must agree.
+
+    ``revoked`` holds ids of keys an accepted root removed: they never count, and a
+    refusal says so, so an operator reading the log knows it is a stolen-key case.
+    """
 
     keys: Mapping[str, bytes]
     threshold: int
+    revoked: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.threshold < 1:
@@ -126,19 +140,47 @@ class TrustedKeys:
             )
 
     @classmethod
-    def from_raw(cls, raws: Sequence[bytes], threshold: int) -> TrustedKeys:
+    def from_raw(cls, raws: Sequence[bytes], threshold: int,
+                 revoked: frozenset[str] = frozenset()) -> TrustedKeys:
         """Build from raw keys; a key listed twice is one key (one id)."""
-        return cls({key_id(raw): raw for raw in raws}, threshold)
+        keys = {key_id(raw): raw for raw in raws}
+        return cls(keys, threshold, frozenset(revoked) - set(keys))
 
 
-def sign_document(data: bytes, private_keys: Sequence[Ed25519PrivateKey]) -> bytes:
-    """The signature file (docs/formats.md) over the exact bytes ``data``, one entry per key."""
-    if not private_keys:
+def signer_raw(signer: Signer) -> bytes:
+    """Raw 32 bytes of a signer's public key."""
+    return signer.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+
+
+def sign_document(data: bytes, signers: Sequence[Signer], existing: bytes | None = None
+                  ) -> bytes:
+    """The signature file (docs/formats.md) over the exact bytes ``data``, one entry per key.
+
+    ``existing`` is a signature file to add to (a root signed by several offline
+    holders in turn): its entries stay, a key that signed again replaces its own.
+    Each new signature is verified before it is written, so a signing command that
+    answers with garbage fails here, at the publisher, not on every host.
+    """
+    if not signers:
         raise ValueError("at least one private key is needed to sign")
-    entries: dict[str, str] = {}
-    for key in private_keys:
-        kid = key_id(public_raw(key))
-        entries.setdefault(kid, base64.b64encode(key.sign(data)).decode("ascii"))
+    entries: dict[str, str] = {
+        kid: base64.b64encode(sig).decode("ascii") for kid, sig in _parse_sig_file(existing)
+    } if existing else {}
+    done: set[str] = set()
+    for signer in signers:
+        raw = signer_raw(signer)
+        kid = key_id(raw)
+        if kid in done:
+            continue
+        sig = signer.sign(data)
+        try:
+            Ed25519PublicKey.from_public_bytes(raw).verify(sig, data)
+        except InvalidSignature:
+            raise SignatureInvalid(f"the signature made by key {kid} does not verify") from None
+        entries[kid] = base64.b64encode(sig).decode("ascii")
+        done.add(kid)
     doc = {"signatures": [{"keyid": k, "sig": s} for k, s in entries.items()]}
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
@@ -187,6 +229,12 @@ def verify_document(data: bytes, sig_file: bytes, trust: TrustedKeys) -> list[st
         good.append(kid)
     if len(good) >= trust.threshold:
         return good
+    revoked = sorted({kid for kid, _ in entries} & trust.revoked)
+    if revoked:
+        raise KeyRevoked(
+            f"signed by revoked key(s) {', '.join(revoked)}; {len(good)} signature(s) by "
+            f"trusted keys verify, below the threshold of {trust.threshold}"
+        )
     if not trusted_seen:
         present = sorted({kid for kid, _ in entries}) or ["none"]
         raise SignatureInvalid(

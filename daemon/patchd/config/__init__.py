@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import platform
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from patchd.core.errors import ConfigErrors, ConfigFileError
+from patchd.config.files import ca_file, read_headers_file, readable_file
+from patchd.core.errors import ConfigErrors, ConfigFileError, RootRejected
+from patchd.trust.root import parse_root
+from patchd.trust.root_store import Bootstrap
 from patchd.trust.signing import parse_public_key
 
 T = TypeVar("T")
@@ -29,6 +33,8 @@ _SIZE_UNITS = {
     "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
     "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
 }
+#: Fields with this metadata are secrets or derived bytes: never printed.
+_HIDDEN = {"dump": False}
 
 
 
@@ -83,6 +89,13 @@ class ServerSection:
     poll_jitter: float
     timeout: float
     events_url: str
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    headers_file: str = ""
+    proxy: str = ""
+    #: Read from ``headers_file`` at load (start and every reload); secret, never dumped.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False, metadata=_HIDDEN)
 
 
 @dataclass(frozen=True)
@@ -90,10 +103,20 @@ class TrustSection:
     keys: tuple[str, ...]
     threshold: int
     verify: str
+    root_file: str = ""
+    #: The pinned root's bytes, read at load so ``config check`` validates them.
+    root_document: bytes = field(default=b"", repr=False, metadata=_HIDDEN)
 
     @property
     def raw_keys(self) -> tuple[bytes, ...]:
         return tuple(parse_public_key(k) for k in self.keys)
+
+    @property
+    def bootstrap(self) -> Bootstrap:
+        """Where this host's chain of roots starts (docs/formats.md#the-root-of-trust)."""
+        if self.root_file:
+            return Bootstrap.from_document(self.root_document, parse_root(self.root_document))
+        return Bootstrap.from_keys(self.raw_keys, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -147,8 +170,9 @@ class Config:
 
 _SECTIONS: dict[str, set[str]] = {
     "app": {"name", "release_dir", "arch"},
-    "server": {"manifest_url", "channel", "poll_interval", "poll_jitter", "timeout", "events_url"},
-    "trust": {"keys", "threshold", "verify"},
+    "server": {"manifest_url", "channel", "poll_interval", "poll_jitter", "timeout", "events_url",
+               "ca_file", "client_cert", "client_key", "headers_file", "proxy"},
+    "trust": {"keys", "threshold", "verify", "root_file"},
     "paths": {"state_dir", "cache_dir", "socket"},
     "api": {"socket_group", "admins"},
     "boot": {"reporters", "timeout", "watch_pid"},
@@ -298,6 +322,58 @@ def _type_name(value: Any) -> str:
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
 
 
+def _transport(r: _Reader) -> dict[str, Any]:
+    """The authenticated-transport keys of ``[server]`` (docs/config.md)."""
+    out: dict[str, Any] = {
+        "ca_file": r.get("server", "ca_file", ca_file, ""),
+        "client_cert": r.get("server", "client_cert", readable_file, ""),
+        "client_key": r.get("server", "client_key", readable_file, ""),
+        "headers_file": r.get("server", "headers_file", readable_file, ""),
+        "proxy": r.get("server", "proxy", _url(("http", "https", "socks5"), False, True), ""),
+    }
+    cert, key = out["client_cert"], out["client_key"]
+    if bool(cert) != bool(key):
+        r.problems.append(("server.client_cert" if key else "server.client_key",
+                           "client_cert and client_key go together; set both or neither"))
+    elif cert:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+        except (ssl.SSLError, ValueError) as exc:
+            r.problems.append(("server.client_key",
+                               f"{cert} and {key} are not a PEM certificate and its "
+                               f"unencrypted private key ({exc})"))
+    if out["headers_file"]:
+        try:
+            out["headers"] = read_headers_file(out["headers_file"])
+        except (OSError, ValueError) as exc:
+            r.problems.append(("server.headers_file", str(exc)))
+    return out
+
+
+def _trust(r: _Reader) -> TrustSection:
+    """``[trust]``: ``keys`` (version 1 of the root of trust) or a pinned ``root_file``."""
+    root_file = r.get("trust", "root_file", readable_file, "")
+    keys = r.get("trust", "keys", _keys, (), required=not root_file)
+    threshold = r.get("trust", "threshold", _threshold, 1)
+    if root_file and keys:
+        r.problems.append(("trust.root_file", "give trust.keys or trust.root_file, not both"))
+    if keys and threshold > len(set(keys)):
+        r.problems.append(("trust.threshold",
+                           f"is {threshold} but only {len(set(keys))} distinct keys are trusted"))
+    document = b""
+    if root_file:
+        try:
+            document = Path(root_file).read_bytes()
+            parse_root(document)
+        except OSError as exc:
+            r.problems.append(("trust.root_file", f"cannot read: {exc.strerror}"))
+        except RootRejected as exc:
+            r.problems.append(("trust.root_file", str(exc)))
+    return TrustSection(keys=keys, threshold=threshold,
+                        verify=r.get("trust", "verify", _one_of("install", "strict"), "install"),
+                        root_file=root_file, root_document=document)
+
+
 def config_from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
     """Validate a parsed TOML document; the single place defaults are decided."""
     r = _Reader(doc)
@@ -327,14 +403,9 @@ def config_from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         poll_jitter=r.get("server", "poll_jitter", _fraction, 0.1),
         timeout=r.get("server", "timeout", _positive_duration, 30.0),
         events_url=r.get("server", "events_url", _url(("http", "https"), False, True), ""),
+        **_transport(r),
     )
-    keys = r.get("trust", "keys", _keys, (), required=True)
-    threshold = r.get("trust", "threshold", _threshold, 1)
-    if keys and threshold > len(set(keys)):
-        r.problems.append(("trust.threshold",
-                           f"is {threshold} but only {len(set(keys))} distinct keys are trusted"))
-    trust = TrustSection(keys=keys, threshold=threshold,
-                         verify=r.get("trust", "verify", _one_of("install", "strict"), "install"))
+    trust = _trust(r)
     paths = PathsSection(
         state_dir=r.get("paths", "state_dir", _abs_path, Path(f"/var/lib/patchd/{name}")),
         cache_dir=r.get("paths", "cache_dir", _abs_path, Path(f"/var/cache/patchd/{name}")),
@@ -384,5 +455,6 @@ def dump_config(config: Config) -> str:
     for section_name, section in _sections(config):
         out.append(f"\n[{section_name}]")
         for f in fields(section):
-            out.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            if f.metadata.get("dump", True):
+                out.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
     return "\n".join(out) + "\n"
