@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from patchd.core.error_table import activity_line, describe_socket_error
 from patchd.core.errors import (
     ClientError,
     CommandFailed,
@@ -23,8 +24,6 @@ from patchd.core.errors import (
     DaemonNotRunning,
     SocketAccessDenied,
     UsageError,
-    activity_line,
-    describe_socket_error,
 )
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink import ClientError as VarlinkClientError

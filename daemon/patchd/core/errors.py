@@ -61,17 +61,15 @@ The class of an error decides the policy, so the policy lives here and nowhere e
 install between two ops, and is never reported as a failure.
 
 How an error leaves patchd, on the socket and as the CLI's last line, is decided by
-one table at the end of this module (:data:`SOCKET_ERRORS`, :func:`to_socket_error`,
-:func:`describe_socket_error`): the daemon's API and the CLI both read it, so a new
-error class is routed by adding one row.
+one table beside this module (:mod:`patchd.core.error_table`): the daemon's API and the
+CLI both read it, so a new error class is routed by adding one row.
 
 Messages say what was wrong with the values involved, so one log line is enough.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 
@@ -387,111 +385,3 @@ class UsageError(PatchdError):
     """The command line is wrong."""
 
     exit_code = 2
-
-
-# --- how errors leave patchd: the socket and the CLI --------------------------------------
-
-#: The interface whose errors the table names.
-INTERFACE = "io.patchd.Updater"
-
-
-def _build_text(obj: object) -> str:
-    if not isinstance(obj, dict):
-        return "none"
-    return f"{obj.get('release')}+{obj.get('patch')}"
-
-
-def _build_json(build: Any) -> dict[str, Any] | None:
-    to_json = getattr(build, "to_json", None)
-    return to_json() if callable(to_json) else None
-
-
-def activity_line(a: Mapping[str, Any]) -> str:
-    """One line for an ``Activity`` object, e.g. ``downloading 1.4.0+3: 37% (…)``."""
-    phase = a.get("phase", "idle")
-    if phase == "idle" or not a.get("build"):
-        return str(phase)
-    done, total = a.get("done", 0), a.get("total", 0)
-    line = f"{phase} {_build_text(a.get('build'))}"
-    if total:
-        line += f": {100 * done // total}% ({size_text(done)} of {size_text(total)})"
-    return line
-
-
-def size_text(n: int) -> str:
-    """``512 B``, ``37.5 KB``, ``1.2 GB``: sizes as the CLI prints them (decimal units)."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
-
-
-@dataclass(frozen=True)
-class SocketError:
-    """One ``io.patchd.Updater`` error: which classes become it, with what parameters,
-    and the line the CLI prints for it (with the CLI's exit code)."""
-
-    name: str
-    classes: tuple[type[PatchdError], ...]
-    parameters: Callable[[Any], dict[str, Any]]
-    message: Callable[[Mapping[str, Any]], str]
-    exit_code: int = 1
-
-
-def _update_failed_message(p: Mapping[str, Any]) -> str:
-    kind = "transient, will be retried" if p.get("transient") else "not retried"
-    return f"update failed ({kind}): {p.get('reason')}"
-
-
-#: Most specific first: an error takes the first row one of whose classes it is.
-SOCKET_ERRORS: tuple[SocketError, ...] = (
-    SocketError(
-        "NotAuthorized", (NotAuthorized,),
-        lambda e: {"method": e.method},
-        lambda p: f"not authorised to call {p.get('method')} "
-                  "(ask for boot.reporters or api.admins)"),
-    SocketError(
-        "Busy", (Busy,),
-        lambda e: {"activity": e.activity},
-        lambda p: f"busy: {activity_line(p.get('activity') or {})}"),
-    SocketError(
-        "NotBootTarget", (NotBootTarget,),
-        lambda e: {"expected": _build_json(e.expected), "got": _build_json(e.got)},
-        lambda p: f"not the boot target: expected {_build_text(p.get('expected'))}, "
-                  f"got {_build_text(p.get('got'))}"),
-    SocketError(
-        "InvalidBundle", (BadInputError,),
-        lambda e: {"reason": str(e)},
-        lambda p: f"invalid bundle: {p.get('reason')}"),
-    SocketError(
-        "UpdateFailed", (PatchdError,),
-        lambda e: {"reason": str(e), "transient": isinstance(e, TransientError)},
-        _update_failed_message),
-)
-
-#: What the daemon answers for an exception it did not expect (the log has the details).
-INTERNAL_ERROR = ("UpdateFailed",
-                  {"reason": "internal error in patchd; see the daemon's log", "transient": False})
-
-
-def to_socket_error(exc: PatchdError) -> tuple[str, dict[str, Any]]:
-    """The interface error (full name) and parameters that ``exc`` becomes on the socket."""
-    for row in SOCKET_ERRORS:
-        if isinstance(exc, row.classes):
-            return f"{INTERFACE}.{row.name}", row.parameters(exc)
-    raise AssertionError(f"no socket error for {type(exc).__name__}")  # PatchdError row
-
-
-def describe_socket_error(name: str, parameters: Mapping[str, Any]) -> CommandFailed:
-    """The CLI's error for an error reply: the table's line, or the raw name and values."""
-    short = name.removeprefix(f"{INTERFACE}.")
-    for row in SOCKET_ERRORS:
-        if row.name == short:
-            return CommandFailed(row.message(parameters), row.exit_code)
-    if parameters:
-        import json
-
-        return CommandFailed(f"{name}: {json.dumps(dict(parameters), sort_keys=True)}")
-    return CommandFailed(name)

@@ -27,12 +27,11 @@ import structlog
 from anyio.abc import TaskStatus
 
 from patchd import __version__
+from patchd.core.error_table import INTERNAL_ERROR, to_socket_error
 from patchd.core.errors import (
-    INTERNAL_ERROR,
     NotAuthorized,
     PatchdError,
     SocketInUse,
-    to_socket_error,
 )
 from patchd.core.model import Build
 from patchd.host import process
