@@ -41,3 +41,14 @@ def test_every_module_architecture_md_names_exists() -> None:
     missing = sorted(n for n in named if not (ROOT / n).exists()
                      and not (PACKAGE / n.removeprefix("patchd/")).exists())
     assert missing == []
+
+
+def test_client_commands_stay_light() -> None:
+    """``patchd status`` and the boot commands run on every host start: importing the
+    CLI must not load the daemon, httpx, cryptography or zstandard."""
+    code = ("import sys, patchd.cli.main, patchd.cli.client; "
+            "heavy = {'httpx', 'cryptography', 'zstandard', 'patchd.service.daemon', "
+            "'patchd.trust', 'patchd.fetch'} & set(sys.modules); print(sorted(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "[]", result.stdout

@@ -8,6 +8,16 @@ maps the varlink interface onto a narrow protocol of the daemon; ``events`` queu
 sends fleet events; ``schedule`` holds the pure timing rules.
 """
 
-from patchd.service.daemon import Daemon, run_command
+from typing import Any
 
 __all__ = ["Daemon", "run_command"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the daemon only when asked: the CLI imports ``service.interface`` and must
+    not pay for httpx, cryptography and the whole daemon on every ``patchd status``."""
+    if name in __all__:
+        from patchd.service import daemon
+
+        return getattr(daemon, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
