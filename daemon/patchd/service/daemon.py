@@ -26,6 +26,7 @@ from patchd.core.errors import BundleInvalid, ConfigError, TransientError, Usage
 from patchd.core.model import Bad, Build, Installed, release_newer
 from patchd.fetch.sources import Source, open_source
 from patchd.host.logs import configure_logging
+from patchd.host.process import raise_fd_limit
 from patchd.host.systemd import Notifier, watchdog_interval
 from patchd.service.activity import ActivityBoard
 from patchd.service.boot import BootKeeper
@@ -323,6 +324,8 @@ def run_command(args: argparse.Namespace) -> int:
         config_path = Path(f"/etc/patchd/{app}.toml")
     config = load_config(config_path)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    soft, hard = raise_fd_limit()
+    log.debug("daemon.fd_limit", soft=soft, hard=hard)
 
     async def main() -> None:
         daemon = Daemon(config_path, config)  # anyio primitives need the running loop
