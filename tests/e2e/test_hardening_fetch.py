@@ -7,13 +7,16 @@ memory or its liveness.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from support.badserver import Conn, Request
 from support.daemon import state_of
 from support.hostile import RELEASE, HostileRepo, hostile_world, start_daemon, wait_event
 from support.trees import new_key
@@ -67,3 +70,63 @@ def test_corrupt_transfer_is_retried_and_a_reissued_bundle_gets_a_fresh_try(
     assert d.call("CheckNow")["build"] == _build(3)
     status = d.wait_status(lambda s: s["next_boot"] == _build(3), "re-issued patch 3 installed")
     assert state_of(status, RELEASE, 3) == "installed"
+
+
+def _gzip_bomb(mib: int) -> bytes:
+    """A gzip stream of ``mib`` MiB of zeros (about 1 KiB per MiB on the wire)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    return b"".join(z.compress(zeros) for _ in range(mib)) + z.flush()
+
+
+def _drain(conn: Conn) -> None:
+    """Read the POST body the bad server left unread (else closing resets the client)."""
+    conn.sock.settimeout(0.3)
+    with contextlib.suppress(OSError):
+        while conn.sock.recv(65536):
+            pass
+
+
+def test_hostile_event_collector_and_failing_tasks_never_stop_the_daemon(
+        tmp_path: Path, repo: HostileRepo) -> None:
+    """A gzip bomb and an endless answer from the collector cost at most 64 KiB each and
+    a backoff; a fault in every background task is logged and the task restarts."""
+    bomb = _gzip_bomb(512)
+    answers: list[str] = []
+
+    def collector(req: Request, conn: Conn) -> None:
+        _drain(conn)
+        answers.append(req.path)
+        if len(answers) == 1:
+            conn.respond(200, bomb, {"Content-Encoding": "gzip"})
+        elif len(answers) == 2:
+            conn.head(200, {"Content-Type": "application/json"})
+            chunk = b"[" * 65536
+            while conn.sent < 64 << 20 and conn.send(chunk):
+                pass
+        else:
+            conn.respond(200, b"{}")
+
+    repo.routes["/events"] = collector
+    tasks = ("signals", "poll_loop", "event_sender", "watchdog", "config_watcher")
+    d = start_daemon(tmp_path, repo, f'[server]\nevents_url = "{repo.url("/events")}"\n',
+                     env={"PATCHD_TASK_FAULT": ",".join(tasks), "WATCHDOG_USEC": "2000000"})
+    assert d.proc is not None
+    for task in tasks:
+        failed = wait_event(d, "task.failed", where=lambda e, t=task: e["task"] == t)
+        assert failed["error_class"] == "RuntimeError"
+        wait_event(d, "task.restarted", where=lambda e, t=task: e["task"] == t)
+    d.call("BootStart")
+    d.call("BootSuccess")  # queues boot_success and wakes the sender
+    first = wait_event(d, "events.send_failed")
+    assert "more than 64 KiB" in first["error"]
+    wait_event(d, "events.send_failed", where=lambda e: e["failures"] == 2)
+    sent = wait_event(d, "events.sent", timeout=60)
+    assert sent["count"] >= 1 and len(answers) == 3
+    hwm = next(int(line.split()[1]) for line in
+               Path(f"/proc/{d.proc.pid}/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    assert hwm < 150 * 1024, f"peak RSS {hwm} KiB"
+    pings = d.wait_notify("WATCHDOG=1", timeout=5, after=len(d.notifications))
+    assert pings >= 0
+    assert d.stop() == 0  # the restarted signal handler still stops the daemon cleanly

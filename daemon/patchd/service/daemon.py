@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from patchd.config import Config, load_config
-from patchd.core.errors import BundleInvalid, ConfigError, TransientError, UsageError
+from patchd.core.errors import BundleInvalid, ConfigError, UsageError
 from patchd.core.model import Bad, Build, Installed, release_newer
 from patchd.fetch.sources import Source, open_source
 from patchd.host.logs import configure_logging
@@ -34,6 +35,7 @@ from patchd.service.checks import Checker
 from patchd.service.events import EventQueue, send_pending
 from patchd.service.jobs import Job, JobRunner
 from patchd.service.schedule import backoff_delay
+from patchd.service.supervise import supervised
 from patchd.service.updater import Updater
 from patchd.state import Lifecycle, load_client_state
 from patchd.trust import BundleHeader, Decision, read_header_unverified
@@ -162,18 +164,18 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             self.runner.attach(tg)
             self.boot.attach(tg)
-            tg.start_soon(self._signals, tg)
+            tg.start_soon(supervised, "signals", partial(self._signals, tg))
             await tg.start(serve_api, self)
             await self.boot.resume()
             self.notifier.ready()
             self._show_status()
             log.info("daemon.ready", app=self.config.app.name, socket=str(self.config.paths.socket),
                      next_boot=str(self.lifecycle.pointers.next_boot))
-            tg.start_soon(self.checks.poll_loop)
-            tg.start_soon(self._event_sender)
-            tg.start_soon(self._watchdog)
+            tg.start_soon(supervised, "poll_loop", self.checks.poll_loop)
+            tg.start_soon(supervised, "event_sender", self._event_sender)
+            tg.start_soon(supervised, "watchdog", self._watchdog)
             if self.config_path is not None:
-                tg.start_soon(self._config_watcher, tg)
+                tg.start_soon(supervised, "config_watcher", partial(self._config_watcher, tg))
         await self._shutdown()
 
     def status_line(self) -> str:
@@ -233,9 +235,10 @@ class Daemon:
                 try:
                     await send_pending(self.events, client, url)
                     failures = 0
-                except TransientError as exc:
+                except Exception as exc:  # whatever the collector does stays in here
                     failures += 1
-                    log.warning("events.send_failed", error=str(exc), failures=failures)
+                    log.warning("events.send_failed", error=str(exc),
+                                error_class=type(exc).__name__, failures=failures)
         finally:
             if client is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
