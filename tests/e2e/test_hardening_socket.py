@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from support.daemon import DaemonProcess
-from support.flood import HostileFlood
+from support.flood import HostileFlood, call_as
 from support.hostile import HostileRepo, hostile_world, start_daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")
@@ -63,3 +63,18 @@ def test_a_read_only_users_flood_never_keeps_out_a_boot_report(
         assert rss_kib(d.proc.pid) < 150 * 1024
     refused = [line for line in d.log().splitlines() if "varlink.connection_refused" in line]
     assert 0 < len(refused) < 50, len(refused)  # counted, not one line per connection
+
+
+@needs_root
+def test_a_read_only_boot_target_never_changes_boot_state(
+        tmp_path: Path, repo: HostileRepo) -> None:
+    """After a BootStart without a pid, nobody's GetBootTarget leaves the boot in progress."""
+    d = shared(tmp_path, repo)
+    d.call("BootStart")
+    before = (d.state_dir / "pointers.json").read_bytes()
+    for _ in range(3):
+        reply = call_as("nobody", d.socket, "GetBootTarget")
+        assert reply["parameters"] == {"build": {"release": "1.4.0", "patch": 0},
+                                       "path": str(d.release_dir)}, reply
+    assert (d.state_dir / "pointers.json").read_bytes() == before
+    assert d.status()["currently_booting"] == {"release": "1.4.0", "patch": 0}

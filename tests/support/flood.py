@@ -67,3 +67,30 @@ class HostileFlood:
         self.proc.wait(timeout=30)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+_CALL = """\
+import json, os, socket, sys
+path, uid, gid, method = json.loads(sys.argv[1])
+os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+s.sendall(json.dumps({"method": "io.patchd.Updater." + method, "parameters": {}}).encode() + b"\\0")
+data = b""
+while not data.endswith(b"\\0"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.rstrip(b"\\0").decode())
+"""
+
+
+def call_as(user: str, socket: Path, method: str) -> dict[str, object]:
+    """One parameterless call by ``user`` (a setuid child); the raw varlink reply."""
+    entry = pwd.getpwnam(user)
+    proc = subprocess.run([sys.executable, "-c", _CALL,
+                           json.dumps([str(socket), entry.pw_uid, entry.pw_gid, method])],
+                          capture_output=True, text=True, timeout=30, cwd="/", check=True)
+    reply: dict[str, object] = json.loads(proc.stdout)
+    return reply
