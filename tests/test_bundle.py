@@ -17,7 +17,7 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from patchd.build.apply import apply_bundle
-from patchd.core.errors import BundleHashMismatch, BundleInvalid, SignatureInvalid, UnsafePath
+from patchd.core.errors import BundleInvalid, PayloadHashMismatch, SignatureInvalid, UnsafePath
 from patchd.publisher.pack import pack
 from patchd.trust import Expected, open_bundle
 from patchd.trust.signing import public_raw, sign_document
@@ -128,7 +128,7 @@ def test_flipped_byte_in_payload(box: Sandbox) -> None:
     """A payload byte changed in transit fails its hash; the old file stays, no temp left."""
     data = b"new content for keep"
     members = signed_members(header_doc([file_op("keep", data, 0)]), [KEY], [flip(data, 3)])
-    refused(box, craft_bundle(box.root / "b", members), BundleHashMismatch, "hashes to")
+    refused(box, craft_bundle(box.root / "b", members), PayloadHashMismatch, "hashes to")
     assert box.staging_untouched()
 
 

@@ -24,7 +24,7 @@ from patchd.build import clone as clone_mod
 from patchd.build.clone import clone_tree
 from patchd.build.install import materialise
 from patchd.build.verify import verify_tree
-from patchd.core.errors import BundleHashMismatch, BundleInvalid, DiskFull, UnsafePath, UsageError
+from patchd.core.errors import BundleInvalid, DiskFull, PayloadHashMismatch, UnsafePath, UsageError
 from patchd.core.model import Bad, BadReason, Build, Downloaded, Installed
 from patchd.state.lifecycle import Lifecycle
 from patchd.trust import DeleteOp, DeltaOp, DirOp, FileOp, SymlinkOp, read_header_unverified
@@ -334,7 +334,7 @@ def test_corrupt_payload_is_refused_and_keeps_release(env: Env) -> None:
     before = listing_digest(env.release)
     with env.open() as lc:
         stage_download(lc, B1, bundle)
-        with pytest.raises(BundleHashMismatch) as info:
+        with pytest.raises(PayloadHashMismatch) as info:
             materialise(lc, env.request(B1, lc.download_path(B1)))
         assert info.value.bad_reason == BadReason.HASH_MISMATCH.value
         assert not (env.state / "builds" / R / "1" / "tree").exists()

@@ -11,9 +11,10 @@ proves, for that case alone:
 - nothing was installed: no tree for the build, ``pointers.json`` byte-identical,
   no staging left, the release tree and a canary directory outside the state
   untouched, nothing else in the state directory changed;
-- the tombstone policy of SPEC §3.2/§3.4: bad bytes (hash, signature, invalid bundle)
-  mark the build ``bad`` with the matching reason; manifest refusals change nothing,
-  not even the accepted serial; slow retrieval is transient (no tombstone);
+- the tombstone policy of docs/lifecycle.md: signed bytes that are bad (signature,
+  invalid bundle) mark the build ``bad`` with the matching reason; bytes that are not
+  the signed size and sha256, and slow retrieval, are transient (no tombstone);
+  manifest refusals change nothing, not even the accepted serial;
 - the daemon still serves (GetStatus right after) and, at the end, still installs a
   legitimate patch in every arena.
 
@@ -345,8 +346,8 @@ def _bundle_sig_garbage(x: Ctx) -> None:
     x.publish_bundle(x.bundle(members))
 
 
-@bundle_case("manifest entry names another file of the right size", "arbitrary install",
-             "BundleHashMismatch", "manifest says", "hash_mismatch")
+@case("manifest entry names another file of the right size", "arbitrary install",
+      "transient", "BundleHashMismatch", "manifest says")
 def _other_file_same_size(x: Ctx) -> None:
     good = x.bundle()
     decoy = x.bundle(x.members(ops=[file_op("bin/kiosk", b"#!/bin/sh\nevil\n", 0)],
@@ -478,8 +479,8 @@ def _threshold_bundle(x: Ctx) -> None:
 
 # Endless data and slow retrieval -------------------------------------------------------
 
-@bundle_case("bundle body longer than the manifest's size", "endless data",
-             "DownloadOversize", "exceeds the manifest's", "hash_mismatch")
+@case("bundle body longer than the manifest's size", "endless data", "transient",
+      "DownloadOversize", "exceeds the manifest's")
 def _longer_body(x: Ctx) -> None:
     good = x.bundle()
     url = x.serve(good + os.urandom(8192))
@@ -494,8 +495,8 @@ def _endless(world: World, key: str, conn: Conn, head: dict[str, str]) -> None:
     world.bad_sent[key] = conn.sent
 
 
-@bundle_case("endless bundle body without Content-Length", "endless data",
-             "DownloadOversize", "server sent more than the manifest's", "hash_mismatch")
+@case("endless bundle body without Content-Length", "endless data", "transient",
+      "DownloadOversize", "server sent more than the manifest's")
 def _endless_bundle(x: Ctx) -> None:
     good = x.bundle()
     url = x.route("endless.patchd", lambda r, c: _endless(x.world, f"bundle-{x.patch}", c, {}))
@@ -561,8 +562,8 @@ def _lying_length(x: Ctx) -> None:
         lambda r, c: _endless(x.world, "length", c, {"Content-Length": str(10**9)}))
 
 
-@bundle_case("mirror flips one byte of the bundle", "malicious mirror",
-             "BundleHashMismatch", "manifest says", "hash_mismatch", arena="mirror")
+@case("mirror flips one byte of the bundle", "malicious mirror", "transient",
+      "BundleHashMismatch", "manifest says", arena="mirror")
 def _mirror_flip(x: Ctx) -> None:
     good = x.bundle()
     x.publish(x.doc([bundle_ref(x.serve(good), good)]))

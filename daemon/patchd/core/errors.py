@@ -6,15 +6,17 @@ The class of an error decides the policy, so the policy lives here and nowhere e
     ├── TransientError            retry with backoff, keep partial data
     │   ├── NetworkError            connection refused/reset, DNS, protocol garbage
     │   │   ├── DownloadStalled     fewer bytes than the stall threshold for too long
-    │   │   └── DownloadTruncated   the body ended before the signed size
+    │   │   ├── DownloadTruncated   the body ended before the signed size
+    │   │   └── BundleHashMismatch  the downloaded bytes are not the signed size and sha256
+    │   │       └── DownloadOversize  more bytes than the signed size
     │   ├── ServerError             5xx or 429 (carries Retry-After when given)
     │   │   └── BundleNotFound      404/410 on a bundle (the mirror may lag the manifest)
     │   └── DiskFull                ENOSPC/EDQUOT, or not enough free space to start
     ├── BadInputError             mark the build bad (``bad_reason``), never retry it
     │   ├── BundleInvalid           structure, path, member, size, mix-and-match
     │   │   └── UnsafePath            a path that is not a normalised relative path
-    │   ├── BundleHashMismatch      a download or payload hashes to the wrong value
-    │   │   └── DownloadOversize      more bytes than the signed size
+    │   ├── PayloadHashMismatch     inside bytes that match the signed sha256, a payload
+    │   │                             or a delta base hashes to the wrong value
     │   ├── SignatureInvalid        bundle header signature missing/untrusted/below threshold
     │   │   └── KeyRevoked            signed by a key the accepted root no longer lists
     │   └── InstallLoop             installs started too often without finishing
@@ -99,6 +101,19 @@ class DownloadTruncated(NetworkError):
     """The response ended before ``size`` bytes arrived; the partial file is kept."""
 
 
+class BundleHashMismatch(NetworkError):
+    """The downloaded bytes do not match the signed manifest's ``size`` and ``sha256``.
+
+    A transport fault, not bad input: a flaky proxy, a lagging mirror or one flipped
+    bit must not ban a good patch forever. The download is discarded and retried with
+    backoff; only bytes that match the signed sha256 and are still bad are tombstoned.
+    """
+
+
+class DownloadOversize(BundleHashMismatch):
+    """The server announced or sent more bytes than the signed manifest's ``size``."""
+
+
 class ServerError(TransientError):
     """The server answered 5xx or 429."""
 
@@ -135,14 +150,11 @@ class UnsafePath(BundleInvalid):
     """A path in a bundle is not a normalised relative path inside the tree."""
 
 
-class BundleHashMismatch(BadInputError):
-    """A download or a payload does not hash to the signed value."""
+class PayloadHashMismatch(BadInputError):
+    """A payload, or a delta's base file, does not hash to the value the signed header
+    names: the bundle's bytes are the signed ones, so the bundle itself is bad."""
 
     bad_reason = "hash_mismatch"
-
-
-class DownloadOversize(BundleHashMismatch):
-    """The server announced or sent more bytes than the signed manifest's ``size``."""
 
 
 class InstallLoop(BadInputError):

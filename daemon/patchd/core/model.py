@@ -145,16 +145,29 @@ class Installed:
 
 @dataclass(frozen=True, slots=True)
 class Bad:
-    """A tombstone: this build is never downloaded, installed or booted again."""
+    """A tombstone: this build is never downloaded, installed or booted again.
+
+    ``sha256``: set when a downloaded bundle whose bytes matched the signed sha256 was
+    bad; the tombstone then bans those bytes only, and a manifest naming another sha256
+    for the build gives it a fresh try. None (boots, rollbacks, loops): the whole build.
+    """
 
     reason: BadReason
     detail: str
     at: str
+    sha256: str | None = None
     name: str = field(default="bad", init=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"state": self.name, "reason": self.reason.value, "detail": self.detail,
-                "at": self.at}
+        doc = {"state": self.name, "reason": self.reason.value, "detail": self.detail,
+               "at": self.at}
+        if self.sha256 is not None:
+            doc["sha256"] = self.sha256
+        return doc
+
+    def bans(self, sha256: str) -> bool:
+        """True when this tombstone refuses a bundle with ``sha256`` for its build."""
+        return self.sha256 is None or self.sha256 == sha256
 
 
 State = Downloading | Downloaded | Installed | Bad
@@ -183,10 +196,12 @@ def state_from_json(obj: object) -> State:
                 raise ValueError("bad files map")
             return Installed(size=size, files=dict(files))
         if kind == "bad":
-            detail, at = obj.get("detail", ""), obj.get("at", "")
+            detail, at, sha = obj.get("detail", ""), obj.get("at", ""), obj.get("sha256")
             if not isinstance(detail, str) or not isinstance(at, str):
                 raise ValueError("bad detail or at")
-            return Bad(reason=BadReason(obj["reason"]), detail=detail, at=at)
+            if sha is not None and not is_sha256_hex(sha):
+                raise ValueError("bad sha256")
+            return Bad(reason=BadReason(obj["reason"]), detail=detail, at=at, sha256=sha)
     except KeyError as exc:
         raise ValueError(f"missing field {exc.args[0]!r}") from None
     raise ValueError(f"unknown state {kind!r}")

@@ -26,7 +26,7 @@ The rules, each kept in one place:
 - Bodies are bytes on the wire (``Accept-Encoding: identity``, never decoded): the hash
   against the signed manifest decides.
 - A file that fails its hash or size is deleted with its meta before the error is
-  raised: it must never be resumed from. The caller marks the build bad.
+  raised: it must never be resumed from. It is a transport fault, retried later.
 
 Failure classes (the daemon's policy follows from them, see :mod:`patchd.core.errors`):
 
@@ -36,7 +36,8 @@ Failure classes (the daemon's policy follows from them, see :mod:`patchd.core.er
   (:class:`BundleNotFound`: the signed manifest may be newer than the mirror or CDN
   edge serving the bundle, so this is retried rather than blamed on the build), ENOSPC
   (:class:`DiskFull`, partial data kept).
-- bad input: :class:`BundleHashMismatch`, :class:`DownloadOversize`.
+- transient too: :class:`BundleHashMismatch`, :class:`DownloadOversize` (not the
+  signed bytes: the file is discarded, never the build).
 - configuration: :class:`RepositoryError` for TLS failures, unsupported URL schemes,
   other 4xx, and redirect loops (more than ``max_redirects`` hops is a deterministic
   server misconfiguration; retrying within seconds cannot fix it, the next poll will).

@@ -78,3 +78,21 @@ def pid_alive(pid: int, start: int | None) -> bool:
         return int(fields[19]) == start
     except ValueError:
         return False
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; the (soft, hard) now.
+
+    Every socket client costs a descriptor; the default soft limit (1024) would let a
+    flood of idle connections starve the daemon of descriptors for its own files.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard

@@ -18,6 +18,7 @@ import functools
 import grp
 import os
 import pwd
+import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -42,6 +43,7 @@ from patchd.varlink import (
     AddressInUse,
     Call,
     InvalidParameter,
+    Limits,
     PeerCred,
     VarlinkError,
     VarlinkServer,
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
     from patchd.config import Config
 
 __all__ = ["ADMINS", "ANYONE", "REPORTERS", "BootOperations", "Operations", "UpdaterApi",
-           "authorized", "serve_api"]
+           "authorized", "privileged", "serve_api", "socket_limits"]
 
 log = structlog.get_logger("patchd.service.api")
 
@@ -87,11 +89,24 @@ class Operations(Protocol):
     async def rollback(self) -> Build: ...
 
 
+@functools.lru_cache(maxsize=512)
 def _user_name(uid: int) -> str | None:
+    """Cached: a flood of connections must not mean a flood of passwd lookups."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return None
+
+
+def privileged(uid: int, reporters: tuple[str, ...], admins: tuple[str, ...],
+               own_uid: int) -> bool:
+    """Peers whose connections the socket keeps room for: root, the daemon's user,
+    boot reporters and admins. A boot report must get through a flood by anyone else,
+    or a boot timeout would fire because the daemon could not accept the report."""
+    if uid in (0, own_uid):
+        return True
+    name = _user_name(uid)
+    return name is not None and (name in reporters or name in admins)
 
 
 def authorized(method: str, uid: int, reporters: tuple[str, ...], admins: tuple[str, ...],
@@ -249,12 +264,25 @@ async def serve_api(ops: Operations, *,
                     effect="socket keeps the daemon's group",
                     hint="create the group and make the daemon's user a member (e.g. "
                          "SupplementaryGroups= in the unit), or run as root")
-    server = VarlinkServer(service, cfg.paths.socket, mode=0o660, group=group)
+    def is_privileged(peer: PeerCred) -> bool:
+        now = ops.config
+        return privileged(peer.uid, now.boot.reporters, now.api.admins, os.geteuid())
+
+    server = VarlinkServer(service, cfg.paths.socket, mode=0o660, group=group,
+                           limits=socket_limits(), privileged=is_privileged)
     try:
         await server.serve(task_status=task_status)
     except AddressInUse as exc:
         hint = "; is patchd already running?" if exc.live else ""
         raise SocketInUse(f"{exc}{hint}") from exc
+
+
+def socket_limits() -> Limits:
+    """The socket's limits: as many connections as the descriptor limit leaves room for
+    (the daemon raised it to the hard limit at start), at most 1024."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - 128 if soft != resource.RLIM_INFINITY else 1024
+    return Limits(max_connections=max(64, min(1024, room)))
 
 
 def _usable_group(name: str) -> bool:

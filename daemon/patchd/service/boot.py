@@ -57,35 +57,40 @@ class BootKeeper:
     # --- the target ----------------------------------------------------------------
 
     async def target(self) -> tuple[Build, Path]:
-        """The build and tree to boot now.
+        """The build and tree to boot now, for anyone on the socket: it changes nothing.
 
-        With no breadcrumb there is nothing to resolve and, unless ``verify = "strict"``,
-        nothing to check, so the answer is in memory: it is cached against the pointers
-        object it came from (the lifecycle replaces that object on every write). The
-        worker-thread path, which may read and write state files, is only for a boot in
-        progress, strict verification, or a lock held by another thread.
+        A read-only caller must never change boot state, so a breadcrumb is not judged
+        here (BootStart, the pid watch, the timeout and start-up do that). Without
+        ``verify = "strict"`` the answer is in memory: it is cached against the pointers
+        object it came from (the lifecycle replaces that object on every write); the
+        worker thread is only for strict verification or a lock held by another thread.
         """
         lc = self.lifecycle
+        if self._config().trust.verify == "strict":
+            return await anyio.to_thread.run_sync(self._resolve_target, False)
         pointers = lc.pointers
-        if pointers.currently_booting is None and self._config().trust.verify != "strict":
-            cached = self._cached
-            if cached is not None and cached[0] is pointers:
-                return cached[1]
-            if lc.lock.acquire(blocking=False):
-                try:
-                    pointers = lc.pointers
-                    if pointers.currently_booting is None:
-                        answer = lc.boot_target()
-                        self._cached = (pointers, answer)
-                        return answer
-                finally:
-                    lc.lock.release()
-        return await anyio.to_thread.run_sync(self._resolve_target)
+        cached = self._cached
+        if cached is not None and cached[0] is pointers:
+            return cached[1]
+        if lc.lock.acquire(blocking=False):
+            try:
+                pointers = lc.pointers
+                answer = lc.boot_target()
+                self._cached = (pointers, answer)
+                return answer
+            finally:
+                lc.lock.release()
+        return await anyio.to_thread.run_sync(self._read_target)
 
-    def _resolve_target(self) -> tuple[Build, Path]:
-        """Resolve a stale breadcrumb and strict-verify before naming the tree to boot."""
+    def _read_target(self) -> tuple[Build, Path]:
         with self.lifecycle.lock:
-            if self.lifecycle.detect_boot_crash() is not None:
+            return self.lifecycle.boot_target()
+
+    def _resolve_target(self, judge_breadcrumb: bool = True) -> tuple[Build, Path]:
+        """Resolve a stale breadcrumb (BootStart only) and strict-verify before naming
+        the tree to boot."""
+        with self.lifecycle.lock:
+            if judge_breadcrumb and self.lifecycle.detect_boot_crash() is not None:
                 self._on_change()
             if self._config().trust.verify == "strict":
                 def check(build: Build, state: Installed, tree: Path) -> str | None:

@@ -44,6 +44,10 @@ class Checker:
         self._on_change = on_change
         self._on_error = on_error
         self._wake = anyio.Event()
+        #: Seconds to the next check asked for since the loop last slept (0: now).
+        self._soon: float | None = None
+        #: Transient failures in a row, of checks and of updates, for the backoff.
+        self.failures = 0
         #: The update the last check left running (started or kept), for the poll loop.
         self.update_job: Job | None = None
         self.last_check: str | None = None
@@ -56,7 +60,23 @@ class Checker:
 
     def wake(self) -> None:
         """Check now instead of at the scheduled time (a config reload)."""
+        self._retry_in(0.0)
+
+    def _retry_in(self, delay: float) -> None:
+        """Bring the next check forward to ``delay`` seconds from now (never later)."""
+        self._soon = delay if self._soon is None else min(self._soon, delay)
         self._wake.set()
+
+    def _backoff(self, error: BaseException) -> float:
+        """Count a transient failure; the delay before the next try."""
+        self.failures += 1
+        interval = self._config().server.poll_interval
+        delay = backoff_delay(self.failures, interval)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            delay = max(delay, min(retry_after, interval))
+        log.info("check.retry_scheduled", in_seconds=round(delay, 1), failures=self.failures)
+        return delay
 
     async def check_now(self) -> Decision:
         """Check and start the decided update in the background; joins a running check."""
@@ -96,8 +116,13 @@ class Checker:
                 try:
                     await self.updater.perform(decision, self._source(), job)
                     self.last_error = None
+                    self.failures = 0
                 except Exception as exc:
                     self.record_error(exc)
+                    if isinstance(exc, TransientError):
+                        # Whoever started the update (the poll loop or CheckNow), a
+                        # transport fault is retried with backoff, not at the next poll.
+                        self._retry_in(self._backoff(exc))
                     raise
         return run
 
@@ -113,12 +138,8 @@ class Checker:
     async def poll_loop(self) -> None:
         """Check on schedule; back off after transient failures; never stop."""
         delay = first_check_delay()
-        failures = 0
         while True:
-            self.next_check = in_seconds(delay)
-            with anyio.move_on_after(delay):
-                await self._wake.wait()
-            self._wake = anyio.Event()
+            await self._sleep(delay)
             await self.runner.wait_check_allowed()
             error: BaseException | None = None
             try:
@@ -129,14 +150,30 @@ class Checker:
                     error = job.error
             except Exception as exc:
                 error = exc
+                if isinstance(exc, TransientError):
+                    self._backoff(exc)
             interval = self._config().server.poll_interval
             if isinstance(error, TransientError):
-                failures += 1
-                delay = backoff_delay(failures, interval)
+                # Counted where it happened (the check above, or the update task).
+                delay = backoff_delay(self.failures, interval)
                 retry_after = getattr(error, "retry_after", None)
                 if retry_after:
                     delay = max(delay, min(retry_after, interval))
-                log.info("check.retry_scheduled", in_seconds=round(delay, 1), failures=failures)
             else:
-                failures = 0
+                self.failures = 0
                 delay = jittered(interval, self._config().server.poll_jitter)
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less when a wake or a retry brings it forward."""
+        deadline = anyio.current_time() + delay
+        while True:
+            self.next_check = in_seconds(max(0.0, deadline - anyio.current_time()))
+            with anyio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            soon, self._soon = self._soon, None
+            if soon is None:
+                return  # the deadline passed
+            deadline = min(deadline, anyio.current_time() + soon)
+            if deadline <= anyio.current_time():
+                return

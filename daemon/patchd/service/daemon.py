@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,13 +26,13 @@ from patchd.core.errors import (
     BundleInvalid,
     ConfigError,
     PatchdError,
-    TransientError,
     UsageError,
 )
 from patchd.core.model import Bad, Build, Installed, release_newer
 from patchd.fetch.client import HttpClients, TransportSettings
 from patchd.fetch.sources import Source, open_source
 from patchd.host.logs import configure_logging
+from patchd.host.process import raise_fd_limit
 from patchd.host.systemd import Notifier, watchdog_interval
 from patchd.service.activity import ActivityBoard
 from patchd.service.boot import BootKeeper
@@ -39,6 +40,7 @@ from patchd.service.checks import Checker
 from patchd.service.events import EventQueue, send_pending
 from patchd.service.jobs import Job, JobRunner
 from patchd.service.schedule import backoff_delay
+from patchd.service.supervise import supervised
 from patchd.service.updater import Updater
 from patchd.state import Lifecycle, load_client_state
 from patchd.trust import BundleHeader, Decision, read_header_unverified
@@ -171,18 +173,18 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             self.runner.attach(tg)
             self.boot.attach(tg)
-            tg.start_soon(self._signals, tg)
+            tg.start_soon(supervised, "signals", partial(self._signals, tg))
             await tg.start(serve_api, self)
             await self.boot.resume()
             self.notifier.ready()
             self._show_status()
             log.info("daemon.ready", app=self.config.app.name, socket=str(self.config.paths.socket),
                      next_boot=str(self.lifecycle.pointers.next_boot))
-            tg.start_soon(self.checks.poll_loop)
-            tg.start_soon(self._event_sender)
-            tg.start_soon(self._watchdog)
+            tg.start_soon(supervised, "poll_loop", self.checks.poll_loop)
+            tg.start_soon(supervised, "event_sender", self._event_sender)
+            tg.start_soon(supervised, "watchdog", self._watchdog)
             if self.config_path is not None:
-                tg.start_soon(self._config_watcher, tg)
+                tg.start_soon(supervised, "config_watcher", partial(self._config_watcher, tg))
         await self._shutdown()
 
     def status_line(self) -> str:
@@ -242,9 +244,10 @@ class Daemon:
             try:
                 await send_pending(self.events, client, url)
                 failures = 0
-            except TransientError as exc:
+            except Exception as exc:  # whatever the collector does stays in here
                 failures += 1
-                log.warning("events.send_failed", error=str(exc), failures=failures)
+                log.warning("events.send_failed", error=str(exc),
+                            error_class=type(exc).__name__, failures=failures)
 
     # --- config reload -------------------------------------------------------------
 
@@ -332,6 +335,8 @@ def run_command(args: argparse.Namespace) -> int:
         config_path = Path(f"/etc/patchd/{app}.toml")
     config = load_config(config_path)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    soft, hard = raise_fd_limit()
+    log.debug("daemon.fd_limit", soft=soft, hard=hard)
 
     async def main() -> None:
         daemon = Daemon(config_path, config)  # anyio primitives need the running loop

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import structlog
 
@@ -23,6 +24,10 @@ log = structlog.get_logger("patchd.service.events")
 
 MAX_EVENTS = 1000
 BATCH = 100
+#: The most of a collector's answer that is read (raw bytes, never decoded).
+MAX_RESPONSE = 64 * 1024
+#: Seconds one POST may take, answer included, whatever the collector trickles.
+SEND_DEADLINE = 30.0
 TYPES = ("download", "install", "install_failure", "boot_success", "boot_failure", "rollback")
 
 
@@ -85,7 +90,8 @@ class EventQueue:
         atomic_write_json(self.path, {"events": self._events, "dropped": self.dropped})
 
 
-async def send_pending(queue: EventQueue, client: httpx.AsyncClient, url: str) -> int:
+async def send_pending(queue: EventQueue, client: httpx.AsyncClient, url: str,
+                       deadline: float = SEND_DEADLINE) -> int:
     """POST queued events in order, in batches; returns how many were delivered.
 
     Stops at the first failure (raising a TransientError) so the order is kept and the
@@ -93,15 +99,34 @@ async def send_pending(queue: EventQueue, client: httpx.AsyncClient, url: str) -
     """
     delivered = 0
     while batch := queue.peek():
-        try:
-            response = await client.post(url, json={"events": batch})
-        except httpx.HTTPError as exc:
-            raise NetworkError(f"sending events to {url}: {exc}") from exc
-        if response.status_code >= 300:
-            raise ServerError(f"event collector {url} answered {response.status_code}",
-                              status=response.status_code)
+        status = await _post(client, url, batch, deadline)
+        if status >= 300:
+            raise ServerError(f"event collector {url} answered {status}", status=status)
         queue.ack(batch)
         delivered += len(batch)
     if delivered:
         log.info("events.sent", count=delivered, url=url)
     return delivered
+
+
+async def _post(client: httpx.AsyncClient, url: str, batch: list[dict[str, Any]],
+                deadline: float) -> int:
+    """One POST; its status. The answer is streamed raw (a gzip bomb stays compressed),
+    at most ``MAX_RESPONSE`` bytes of it, and the whole exchange has one deadline, so a
+    hostile collector costs at most 64 KiB and ``deadline`` seconds."""
+    try:
+        with anyio.fail_after(deadline):
+            async with client.stream("POST", url, json={"events": batch},
+                                     headers={"Accept-Encoding": "identity"}) as response:
+                size = 0
+                async for chunk in response.aiter_raw():
+                    size += len(chunk)
+                    if size > MAX_RESPONSE:
+                        raise NetworkError(f"event collector {url} answered more than "
+                                           f"{MAX_RESPONSE // 1024} KiB; stopped reading")
+                return response.status_code
+    except TimeoutError as exc:
+        raise NetworkError(f"event collector {url} did not answer within {deadline:g} s"
+                           ) from exc
+    except httpx.HTTPError as exc:
+        raise NetworkError(f"sending events to {url}: {exc}") from exc

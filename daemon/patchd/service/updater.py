@@ -3,9 +3,12 @@
 The :class:`Updater` carries out what ``strategy.decide`` and ``Lifecycle.decide_start``
 say; it never edits state files itself. :meth:`Updater.perform` reads top to bottom —
 decide the start → fetch → install (materialise the tree) → promote → event — and is the
-one place that decides what bad input means: a downloaded bundle that turns out bad is
-tombstoned; an operator's file (:meth:`Updater.install_local`) is only refused, or one
-corrupt USB stick would ban a good patch. Other errors leave by class: a
+one place that decides what bad input means: a downloaded bundle whose bytes match the
+signed sha256 and that turns out bad is tombstoned, for that sha256 only; bytes that do
+not match the signed size and sha256 are a transport fault (``BundleHashMismatch``,
+transient): discarded and retried, never tombstoned. An operator's file
+(:meth:`Updater.install_local`) is only refused, or one corrupt USB stick would ban a
+good patch. Other errors leave by class: a
 ``TransientError`` kept whatever partial data there was, a ``ConfigError`` changed
 nothing.
 """
@@ -22,7 +25,7 @@ import structlog
 
 from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
-from patchd.core.errors import BadInputError, ManifestRootRollback
+from patchd.core.errors import BadInputError, BundleHashMismatch, ManifestRootRollback
 from patchd.core.model import Bad, BadReason, Build
 from patchd.fetch import verify_file
 from patchd.fetch.sources import Source
@@ -143,13 +146,27 @@ class Updater:
         return forgotten
 
     def decide(self, manifest: Manifest) -> Decision:
+        """The strategy's decision; a tombstone recording a sha256 bans only that bundle.
+
+        Builds whose tombstone bans the whole build are left out at once; a build
+        tombstoned for other bytes is left out only when the manifest still names those
+        bytes for it (then the strategy is asked again without it).
+        """
         with self.lifecycle.lock:
             pointers = self.lifecycle.pointers
+            tombs = {b: s for b, s in self.lifecycle.builds() if isinstance(s, Bad)}
+        bad = {b for b, s in tombs.items() if s.sha256 is None}
+        while True:
             view = HostView(release=pointers.release, next_boot=pointers.next_boot,
-                            bad=frozenset(self.lifecycle.bad_builds()),
-                            arch=self.config.app.arch, client_id=self.client.client_id,
+                            bad=frozenset(bad), arch=self.config.app.arch,
+                            client_id=self.client.client_id,
                             full_upgrades=self.config.install.full_upgrades)
-        return decide(manifest, view)
+            decision = decide(manifest, view)
+            build, ref = decision.build, decision.bundle
+            if build is None or ref is None or build not in tombs \
+                    or not tombs[build].bans(ref.sha256):
+                return decision
+            bad.add(build)
 
     # --- perform ---------------------------------------------------------------------
 
@@ -172,8 +189,14 @@ class Updater:
                                            source, job)
                 await self._install(build, decision.kind, bundle, job)
                 installed = True
+        except BundleHashMismatch:
+            # Not the signed bytes: a transport fault. Discard them (the lifecycle alone
+            # deletes downloads) so the retry starts from byte 0.
+            await anyio.to_thread.run_sync(self.lifecycle.record_download_started, build,
+                                           url, ref.sha256, ref.size)
+            raise
         except BadInputError as exc:
-            self._reject(build, exc)
+            self._reject(build, exc, ref.sha256)
             raise
         # Also finishes an install whose promotion a crash interrupted (INSTALLED).
         self._promote(build)
@@ -196,7 +219,11 @@ class Updater:
                                   offset=offset, progress=job.progress)
         elif action is Action.VERIFY:
             job.show("downloading", build, ref.size, ref.size)
-            await verify_file(dest, ref.size, ref.sha256)
+            try:
+                await verify_file(dest, ref.size, ref.sha256)
+            except BundleHashMismatch as exc:
+                log.warning("download.discarded", url=url, error=str(exc))
+                raise
         if action is not Action.COMPLETE:
             with lc.lock:
                 lc.record_download_complete(build)
@@ -236,8 +263,9 @@ class Updater:
         with self.lifecycle.lock:
             self.lifecycle.promote_to_next_boot(build)
 
-    def _reject(self, build: Build, exc: BadInputError) -> None:
-        """A downloaded bundle is bad: tombstone the build (it keeps its first reason)."""
+    def _reject(self, build: Build, exc: BadInputError, sha256: str) -> None:
+        """A downloaded bundle whose bytes are the signed ones is bad: tombstone the build
+        for that sha256 (a tombstone keeps its first reason)."""
         with self.lifecycle.lock:
             if not isinstance(self.lifecycle.state(build), Bad):
-                self.lifecycle.mark_bad(build, BadReason(exc.bad_reason), str(exc))
+                self.lifecycle.mark_bad(build, BadReason(exc.bad_reason), str(exc), sha256)

@@ -153,7 +153,7 @@ class Lifecycle(LifecycleView):
         file, which :meth:`decide_start` answers with a fresh start again.
         """
         state = self.state(build)
-        if isinstance(state, Bad) or (
+        if (isinstance(state, Bad) and state.bans(sha256)) or (
                 isinstance(state, Installed) and self.layout.tree(build).is_dir()):
             raise IllegalTransition(build, state, "start downloading")
         attempts = 0
@@ -350,15 +350,18 @@ class Lifecycle(LifecycleView):
         return chosen
 
     @locked
-    def mark_bad(self, build: Build, reason: BadReason, detail: str) -> None:
+    def mark_bad(self, build: Build, reason: BadReason, detail: str,
+                 sha256: str | None = None) -> None:
         """Tombstone a build so it is never downloaded, installed or booted again, then
         drop its files (except a tree the host may be running).
 
-        An existing tombstone keeps its first reason: that is the cause worth keeping.
-        The OS release itself cannot be tombstoned (nothing lies below it); that is
-        logged and ignored.
+        ``sha256``: only the bundle with these (signed, matching) bytes is banned; a
+        manifest naming another sha256 for the build gives it a fresh try. An existing
+        tombstone keeps its first reason: that is the cause worth keeping. The OS
+        release itself cannot be tombstoned (nothing lies below it); that is logged and
+        ignored.
         """
-        self._tombstone(build, reason, detail, "mark_bad")
+        self._tombstone(build, reason, detail, "mark_bad", sha256)
         self.recompute_next_boot()
         store.remove_build_files(self.layout, build, keep_tree=build in self._protected())
 
@@ -397,7 +400,8 @@ class Lifecycle(LifecycleView):
 
     # --- internals ---
 
-    def _tombstone(self, build: Build, reason: BadReason, detail: str, site: str) -> None:
+    def _tombstone(self, build: Build, reason: BadReason, detail: str, site: str,
+                   sha256: str | None = None) -> None:
         state = self.state(build)
         if isinstance(state, Bad):
             log.info("lifecycle.already_bad", build=str(build), reason=state.reason.value,
@@ -408,7 +412,7 @@ class Lifecycle(LifecycleView):
                       detail=detail)
             return
         self.layout.build_dir(build).mkdir(parents=True, exist_ok=True)
-        self._write_state(build, Bad(reason, detail, utc_now_text()), site)
+        self._write_state(build, Bad(reason, detail, utc_now_text(), sha256), site)
         log.warning(reason.value, build=str(build), detail=detail)
 
     def _forget(self, build: Build) -> None:

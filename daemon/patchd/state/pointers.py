@@ -117,7 +117,7 @@ def decide_download(state: State | None, url: str, sha256: str, size: int,
     responses and crashes between writes make any recorded count stale).
     """
     if isinstance(state, Bad):
-        return Decision(Action.BAD)
+        return Decision(Action.BAD) if state.bans(sha256) else Decision(Action.FRESH)
     if isinstance(state, Installed):
         return Decision(Action.INSTALLED) if tree_present else Decision(Action.FRESH)
     if state is None or file_size is None:

@@ -28,7 +28,7 @@ from typing import IO, Any, BinaryIO
 
 import zstandard
 
-from patchd.core.errors import BundleHashMismatch, BundleInvalid
+from patchd.core.errors import BundleInvalid, PayloadHashMismatch
 from patchd.trust.bundle_header import (
     BundleHeader,
     DeltaOp,
@@ -169,7 +169,7 @@ class Payload:
     """One op's final content as a stream, verified against its size and SHA-256.
 
     Reading past ``op.size`` raises BundleInvalid at once; at EOF a hash mismatch
-    raises BundleHashMismatch. The consumer must read to EOF (``b""``).
+    raises PayloadHashMismatch. The consumer must read to EOF (``b""``).
     """
 
     def __init__(self, op: PayloadOp, source: IO[bytes], cleanup: Callable[[], None]) -> None:
@@ -212,7 +212,7 @@ class Payload:
             )
         digest = self._hash.hexdigest()
         if digest != self.op.sha256:
-            raise BundleHashMismatch(
+            raise PayloadHashMismatch(
                 f"{self.op.path!r} hashes to {digest}, the bundle says {self.op.sha256}"
             )
 
@@ -320,7 +320,7 @@ class BundleReader:
         base = read_base(op.path)
         base_sha = hashlib.sha256(base).hexdigest()
         if base_sha != op.base_sha256:
-            raise BundleHashMismatch(f"base file {op.path!r} hashes to {base_sha}, "
+            raise PayloadHashMismatch(f"base file {op.path!r} hashes to {base_sha}, "
                                      f"the delta was made against {op.base_sha256}")
         dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         dctx = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=MAX_WINDOW_BYTES)

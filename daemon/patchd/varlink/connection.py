@@ -1,10 +1,13 @@
 """One client connection on the server side: framing, limits, streaming, hang-ups.
 
 A bad client must never take the server down nor delay other clients, hence: a
-per-message size limit, an idle timeout while waiting for a request, a write timeout
-(a client that never reads is dropped), and every per-connection failure caught and
-logged here, at the connection's boundary (``serve_connection``). The cap on
-concurrent connections is the server's, which counts them.
+per-message size limit, an idle timeout while waiting for a request, a short deadline
+for a message once its first byte arrived (slow-loris), a budget shared by every
+unprivileged connection for the bytes of messages not yet complete (a thousand
+half-sent 1 MiB messages must not cost a GiB), a write timeout (a client that never
+reads is dropped), and every per-connection failure caught and logged here, at the
+connection's boundary (``serve_connection``). The caps on concurrent connections
+(in all, per uid, and the reserve for privileged peers) are the server's.
 """
 
 from __future__ import annotations
@@ -51,13 +54,34 @@ class Limits:
     - ``idle_timeout``: seconds to wait for the next complete request.
     - ``write_timeout``: seconds a reply may take to be accepted by the kernel; a
       client that does not read is dropped.
+    - ``message_timeout``: seconds a message may take from its first byte to its NUL.
+    - ``max_buffered``: bytes of incomplete messages all unprivileged connections
+      together may hold; the connection that would pass it is dropped.
     - ``max_connections``: connections beyond this are closed at once (the server's).
+    - ``max_per_uid``: connections one unprivileged uid may hold (the server's).
+    - ``reserved``: of ``max_connections``, how many only privileged peers may use, so
+      that the peers who must always get through (a boot report) always do.
     """
 
     max_message: int = MAX_MESSAGE
     idle_timeout: float = 300.0
     write_timeout: float = 10.0
+    message_timeout: float = 10.0
+    max_buffered: int = 16 * MAX_MESSAGE
     max_connections: int = 1024
+    max_per_uid: int = 32
+    reserved: int = 64
+
+
+class Budget:
+    """Bytes of incomplete messages held by unprivileged connections, all together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"Budget({self.used}/{self.limit})"
 
 
 class _Drop(Exception):
@@ -68,20 +92,27 @@ class _Drop(Exception):
         self.reason = reason
 
 
-async def serve_connection(service: VarlinkService, sock: socket.socket, limits: Limits) -> None:
+async def serve_connection(service: VarlinkService, sock: socket.socket, limits: Limits,
+                           peer: PeerCred | None = None, budget: Budget | None = None) -> None:
     """Serve one accepted, non-blocking socket until it ends; never raises an error.
 
     Whatever one client does, or whatever goes wrong while serving it, ends that
-    connection and is logged; the caller owns the socket and closes it.
+    connection and is logged; the caller owns the socket and closes it. ``budget``:
+    the shared budget this (unprivileged) connection's incomplete messages count
+    against; None for a privileged peer.
     """
-    peer: PeerCred | None = None
+    conn: _Connection | None = None
     try:
-        peer = PeerCred.of(sock)
-        await _Connection(service, sock, peer, limits).run()
+        peer = peer or PeerCred.of(sock)
+        conn = _Connection(service, sock, peer, limits, budget)
+        await conn.run()
     except _Drop as exc:
         log.info("varlink.connection_dropped", reason=exc.reason, peer=peer)
     except Exception:
         log.exception("varlink.connection_failed", peer=peer)
+    finally:
+        if conn is not None:
+            conn.release()
 
 
 _END: Final = object()
@@ -99,15 +130,33 @@ class _Connection:
     """One client: reads calls in order, answers them, enforces the limits."""
 
     def __init__(
-        self, service: VarlinkService, sock: socket.socket, peer: PeerCred, limits: Limits
+        self, service: VarlinkService, sock: socket.socket, peer: PeerCred, limits: Limits,
+        budget: Budget | None = None,
     ) -> None:
         self.service = service
         self.sock = sock
         self.peer = peer
         self.limits = limits
+        self._budget = budget
+        self._charged = 0
         self._buffer = bytearray()
         self._scanned = 0
         self._eof = False
+        #: When the first byte of the message being received must be followed by its NUL.
+        self._deadline: float | None = None
+
+    def release(self) -> None:
+        """Give this connection's share of the buffer budget back."""
+        self._charge(0)
+
+    def _charge(self, size: int) -> None:
+        """Count ``size`` buffered bytes against the shared budget (drop if over it)."""
+        if self._budget is None:
+            return
+        self._budget.used += size - self._charged
+        self._charged = size
+        if size and self._budget.used > self._budget.limit:
+            raise _Drop("buffer_budget")
 
     def __repr__(self) -> str:
         return f"_Connection(peer={self.peer}, buffered={len(self._buffer)}, eof={self._eof})"
@@ -144,11 +193,26 @@ class _Connection:
                 raw = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 self._scanned = 0
+                self._deadline = None
+                self._charge(0)
                 return raw
             self._scanned = len(self._buffer)
             if self._scanned > self.limits.max_message:
                 await self._too_large()
-            if not await self._fill():
+            if self._buffer and self._deadline is None:
+                self._deadline = anyio.current_time() + self.limits.message_timeout
+            self._charge(len(self._buffer))
+            filled = True
+            if self._deadline is None:
+                filled = await self._fill()
+            else:
+                with anyio.move_on_at(self._deadline):
+                    filled = await self._fill()
+                    self._charge(len(self._buffer))
+                if anyio.current_time() >= self._deadline and \
+                        self._buffer.find(b"\0", self._scanned) < 0:
+                    raise _Drop("message_timeout")
+            if not filled:
                 if self._buffer:
                     raise _Drop("eof_inside_message")
                 return None

@@ -1,8 +1,13 @@
-"""The server: one listening socket, one task per client, a cap on how many.
+"""The server: one listening socket, one task per client, caps on how many.
 
 Accepting is kept apart from serving a connection (``connection.py``) because its
 failures are different: running out of descriptors must pause accepting while the
-clients already connected go on being served.
+clients already connected go on being served. Who may connect is decided at accept
+time from the peer's credentials: one unprivileged uid may hold ``max_per_uid``
+connections, unprivileged peers together all but ``reserved`` of
+``max_connections``, so a flood by one local user never keeps out the peers the
+service says are privileged (``privileged``: for patchd, root, admins and boot
+reporters). Refusals are counted and logged at most once a second.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.lowlevel import checkpoint
 
-from .connection import Limits, serve_connection
+from .connection import Budget, Limits, serve_connection
+from .message import PeerCred
 from .service import VarlinkService
 from .socket_file import bind_unix_socket, unlink_if_same
 
@@ -61,14 +67,20 @@ class VarlinkServer:
         mode: int = 0o660,
         group: str | None = None,
         limits: Limits = _DEFAULT_LIMITS,
+        privileged: Callable[[PeerCred], bool] = lambda peer: peer.uid == 0,
     ) -> None:
         self.service = service
         self.path = Path(path)
         self.mode = mode
         self.group = group
         self.limits = limits
+        self.privileged = privileged
         self.connections = 0
         self.refused = 0
+        self._unprivileged = 0
+        self._per_uid: dict[int, int] = {}
+        self._budget = Budget(limits.max_buffered)
+        self._logged_at = -1.0
         self._changed: anyio.Event | None = None
 
     def __repr__(self) -> str:
@@ -111,31 +123,68 @@ class VarlinkServer:
                 await anyio.wait_readable(listener)
                 continue
             except OSError as exc:
-                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
-                    raise
                 # Out of descriptors or memory: connections already open keep being
-                # served; give them a moment to finish before accepting again.
-                log.warning("varlink.accept_failed", error=str(exc))
+                # served; give them a moment to finish before accepting again. Any
+                # other failure is logged too: the listener must outlive it.
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.warning("varlink.accept_failed", error=str(exc))
+                else:
+                    log.error("varlink.accept_failed", error=str(exc))
                 await anyio.sleep(0.1)
                 continue
             await checkpoint()
-            if self.connections >= self.limits.max_connections:
-                self.refused += 1
-                log.warning(
-                    "varlink.connection_refused",
-                    reason="too_many_connections",
-                    open=self.connections,
-                    refused=self.refused,
-                )
+            try:
+                peer = PeerCred.of(client)
+                privileged = self.privileged(peer)
+            except Exception:  # a peer gone already, or a policy that failed: not privileged
+                log.exception("varlink.peer_unknown")
                 client.close()
+                continue
+            reason = self._refusal(peer, privileged)
+            if reason is not None:
+                self._refuse(client, peer, reason)
                 continue
             client.setblocking(False)
             self._count(+1)
-            tg.start_soon(self._connection, client)
+            if not privileged:
+                self._unprivileged += 1
+                self._per_uid[peer.uid] = self._per_uid.get(peer.uid, 0) + 1
+            tg.start_soon(self._connection, client, peer, privileged)
 
-    async def _connection(self, sock: socket.socket) -> None:
+    def _refusal(self, peer: PeerCred, privileged: bool) -> str | None:
+        """Why this peer may not have another connection now, or None."""
+        limits = self.limits
+        if self.connections >= limits.max_connections:
+            return "too_many_connections"
+        if privileged:
+            return None
+        if self._unprivileged >= limits.max_connections - limits.reserved:
+            return "reserved_for_privileged"
+        if self._per_uid.get(peer.uid, 0) >= limits.max_per_uid:
+            return "too_many_for_uid"
+        return None
+
+    def _refuse(self, client: socket.socket, peer: PeerCred, reason: str) -> None:
+        """Close at once; log at most once a second (a flood must not flood the log)."""
+        client.close()
+        self.refused += 1
+        now = anyio.current_time()
+        if now - self._logged_at >= 1.0:
+            self._logged_at = now
+            log.warning("varlink.connection_refused", reason=reason, uid=peer.uid,
+                        open=self.connections, refused=self.refused)
+
+    async def _connection(self, sock: socket.socket, peer: PeerCred, privileged: bool) -> None:
         try:
-            await serve_connection(self.service, sock, self.limits)
+            await serve_connection(self.service, sock, self.limits, peer,
+                                   None if privileged else self._budget)
         finally:
             self._count(-1)
+            if not privileged:
+                self._unprivileged -= 1
+                left = self._per_uid[peer.uid] - 1
+                if left:
+                    self._per_uid[peer.uid] = left
+                else:
+                    del self._per_uid[peer.uid]
             sock.close()

@@ -1,0 +1,132 @@
+"""Hardening against hostile repositories and collectors, on the real daemon (issue #15).
+
+Each test stages a misbehaving server (:mod:`support.badserver`) and runs ``patchd run``
+against it: what the network sends may cost a retry, never a good patch, the daemon's
+memory or its liveness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from support.badserver import Conn, Request
+from support.daemon import state_of
+from support.hostile import RELEASE, HostileRepo, hostile_world, start_daemon, wait_event
+from support.trees import new_key
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[HostileRepo]:
+    """A repository on the misbehaving server."""
+    yield from hostile_world(tmp_path)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _build(patch: int) -> dict[str, object]:
+    return {"release": RELEASE, "patch": patch}
+
+
+def test_corrupt_transfer_is_retried_and_a_reissued_bundle_gets_a_fresh_try(
+        tmp_path: Path, repo: HostileRepo) -> None:
+    """Bytes that are not the signed ones are retried, never tombstoned; a bad signed
+    bundle bans only its own sha256."""
+    good = repo.bundle(2)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x40
+    repo.files["/b/2.patchd"] = bytes(flipped)
+    repo.publish([(2, [repo.ref("/b/2.patchd", good)])])
+    d = start_daemon(tmp_path, repo)
+    assert d.call("CheckNow")["build"] == _build(2)
+    failed = wait_event(d, "download.failed", where=lambda e: "manifest says" in e["error"])
+    assert failed["url"] == repo.url("/b/2.patchd")
+    assert _sha(good) in failed["error"] and _sha(bytes(flipped)) in failed["error"]
+    wait_event(d, "check.retry_scheduled")
+    assert state_of(d.status(), RELEASE, 2) == "downloading"
+    repo.files["/b/2.patchd"] = good  # the mirror heals: the backoff retry installs it
+    d.wait_status(lambda s: s["next_boot"] == _build(2), "patch 2 installed on retry")
+
+    evil = repo.bundle(3, keys=[new_key()])  # the signed bytes, but a bad inner signature
+    repo.files["/b/3.patchd"] = evil
+    repo.publish([(2, [repo.ref("/b/2.patchd", good)]), (3, [repo.ref("/b/3.patchd", evil)])])
+    assert d.call("CheckNow")["build"] == _build(3)
+    d.wait_status(lambda s: state_of(s, RELEASE, 3) == "bad", "patch 3 tombstoned")
+    tomb = json.loads((d.state_dir / "builds" / RELEASE / "3" / "state.json").read_text())
+    assert (tomb["reason"], tomb["sha256"]) == ("signature_invalid", _sha(evil))
+    assert d.call("CheckNow") == {"strategy": "none", "build": None}
+
+    fixed = repo.bundle(3, text="patch 3, re-issued\n")
+    repo.files["/b/3b.patchd"] = fixed
+    repo.publish([(2, [repo.ref("/b/2.patchd", good)]), (3, [repo.ref("/b/3b.patchd", fixed)])])
+    assert d.call("CheckNow")["build"] == _build(3)
+    status = d.wait_status(lambda s: s["next_boot"] == _build(3), "re-issued patch 3 installed")
+    assert state_of(status, RELEASE, 3) == "installed"
+
+
+def _gzip_bomb(mib: int) -> bytes:
+    """A gzip stream of ``mib`` MiB of zeros (about 1 KiB per MiB on the wire)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    return b"".join(z.compress(zeros) for _ in range(mib)) + z.flush()
+
+
+def _drain(conn: Conn) -> None:
+    """Read the POST body the bad server left unread (else closing resets the client)."""
+    conn.sock.settimeout(0.3)
+    with contextlib.suppress(OSError):
+        while conn.sock.recv(65536):
+            pass
+
+
+def test_hostile_event_collector_and_failing_tasks_never_stop_the_daemon(
+        tmp_path: Path, repo: HostileRepo) -> None:
+    """A gzip bomb and an endless answer from the collector cost at most 64 KiB each and
+    a backoff; a fault in every background task is logged and the task restarts."""
+    bomb = _gzip_bomb(512)
+    answers: list[str] = []
+
+    def collector(req: Request, conn: Conn) -> None:
+        _drain(conn)
+        answers.append(req.path)
+        if len(answers) == 1:
+            conn.respond(200, bomb, {"Content-Encoding": "gzip"})
+        elif len(answers) == 2:
+            conn.head(200, {"Content-Type": "application/json"})
+            chunk = b"[" * 65536
+            while conn.sent < 64 << 20 and conn.send(chunk):
+                pass
+        else:
+            conn.respond(200, b"{}")
+
+    repo.routes["/events"] = collector
+    tasks = ("signals", "poll_loop", "event_sender", "watchdog", "config_watcher")
+    d = start_daemon(tmp_path, repo, f'[server]\nevents_url = "{repo.url("/events")}"\n',
+                     env={"PATCHD_TASK_FAULT": ",".join(tasks), "WATCHDOG_USEC": "2000000"})
+    assert d.proc is not None
+    for task in tasks:
+        failed = wait_event(d, "task.failed", where=lambda e, t=task: e["task"] == t)
+        assert failed["error_class"] == "RuntimeError"
+        wait_event(d, "task.restarted", where=lambda e, t=task: e["task"] == t)
+    d.call("BootStart")
+    d.call("BootSuccess")  # queues boot_success and wakes the sender
+    first = wait_event(d, "events.send_failed")
+    assert "more than 64 KiB" in first["error"]
+    wait_event(d, "events.send_failed", where=lambda e: e["failures"] == 2)
+    sent = wait_event(d, "events.sent", timeout=60)
+    assert sent["count"] >= 1 and len(answers) == 3
+    hwm = next(int(line.split()[1]) for line in
+               Path(f"/proc/{d.proc.pid}/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    assert hwm < 150 * 1024, f"peak RSS {hwm} KiB"
+    pings = d.wait_notify("WATCHDOG=1", timeout=5, after=len(d.notifications))
+    assert pings >= 0
+    assert d.stop() == 0  # the restarted signal handler still stops the daemon cleanly
