@@ -1,5 +1,5 @@
 """io.patchd.Updater on the REAL daemon, called with the third-party ``varlink`` package
-(SPEC §4): introspection, every method, streaming, the interface's errors, and
+(docs/socket.md): introspection, every method, streaming, the interface's errors, and
 authorisation by the peer's uid (child processes that setuid to other users)."""
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
 UPDATER = "io.patchd.Updater"
 R = "1.4.0"
 
-#: SPEC §4, copied here on purpose: the daemon must return exactly this text, and a
+#: docs/socket.md, copied here on purpose: the daemon must return exactly this text, and a
 #: copy independent of patchd.service.interface catches an accidental edit there.
-SPEC_INTERFACE = """\
+SPECIFIED_INTERFACE = """\
 interface io.patchd.Updater
 
 type Build (release: string, patch: int)
@@ -176,7 +176,7 @@ def failure(fn: Callable[[], object]) -> dict[str, Any]:
 
 
 def test_introspection_of_the_real_daemon(env: Env) -> None:
-    """GetInfo lists io.patchd.Updater; GetInterfaceDescription returns SPEC §4 verbatim."""
+    """GetInfo lists io.patchd.Updater; GetInterfaceDescription returns docs/socket.md verbatim."""
     d = env.daemon()
     with client(d) as c:
         interfaces = c.get_interfaces()  # GetInfo; the package keeps the reply in .info
@@ -190,7 +190,7 @@ def test_introspection_of_the_real_daemon(env: Env) -> None:
         members = list(c.get_interface(UPDATER).members)
     assert interfaces == info["interfaces"] == ["org.varlink.service", UPDATER]
     assert info["vendor"] == "patchd" and info["product"] == "patchd" and info["version"]
-    assert description == SPEC_INTERFACE
+    assert description == SPECIFIED_INTERFACE
     assert members[-5:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
                             "InvalidBundle"]
 

@@ -1,4 +1,4 @@
-"""The boot protocol of SPEC §3.3 on the real daemon with real host processes: a host
+"""The boot protocol of docs/lifecycle.md on the real daemon with real host processes: a host
 that dies before BootSuccess is caught by its pidfd, stale and live breadcrumbs survive
 a daemon restart, the boot timeout, BootFailure, and a bad client cannot hold up a boot."""
 

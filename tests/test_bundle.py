@@ -118,7 +118,7 @@ def test_flipped_byte_in_signature(box: Sandbox) -> None:
 
 
 def test_malformed_signature_file(box: Sandbox) -> None:
-    """A signature file that is not the SPEC's JSON is refused as malformed."""
+    """A signature file that is not the specified JSON (docs/formats.md) is refused as malformed."""
     members = good_members()
     members[1] = tar_member("bundle.sig", b"not json")
     refused(box, craft_bundle(box.root / "b", members), SignatureInvalid, "malformed")
@@ -329,7 +329,7 @@ def test_reader_requires_payload_read_to_end(tmp_path: Path) -> None:
 
 
 def spec_reader(path: Path, public: bytes, base: Path, out: Path) -> None:
-    """A reader written from SPEC §2.3 alone, with tarfile + zstandard + cryptography."""
+    """A reader written from docs/formats.md alone, with tarfile + zstandard + cryptography."""
     with open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as stream, \
             tarfile.open(fileobj=stream, mode="r|") as tf:
         members = iter(tf)
@@ -388,7 +388,7 @@ def packed(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 
 def test_spec_only_reader_opens_packed_bundle(tmp_path: Path) -> None:
-    """A bundle from pack() is read by an independent reader following SPEC §2.3 alone."""
+    """A bundle from pack() is read by an independent reader following docs/formats.md alone."""
     base, target, out = packed(tmp_path)
     spec_reader(out, public_raw(KEY), base, tmp_path / "out")
     assert snapshot(tmp_path / "out") == snapshot(target)

@@ -10,7 +10,7 @@ SUBCOMMANDS = ["run", "config", "status", "watch", "check", "install", "rollback
 
 
 def test_help_lists_every_subcommand() -> None:
-    """`patchd --help` names every subcommand of SPEC §5."""
+    """`patchd --help` names every subcommand of docs/cli.md"""
     proc = run_patchd("--help")
     assert proc.returncode == 0
     for name in SUBCOMMANDS:

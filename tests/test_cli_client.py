@@ -1,4 +1,4 @@
-"""The CLI's client side (SPEC §5) through the real ``python -m patchd`` command against the
+"""The CLI's client side (docs/cli.md) through the real ``python -m patchd`` command against the
 real daemon: every command, and one clear line plus exit 1 (operation) or 2 (usage)
 when something is wrong."""
 

@@ -1,4 +1,4 @@
-"""Config loading (SPEC §6): defaults, parsing, and one clear line per bad key."""
+"""Config loading (docs/config.md): defaults, parsing, and one clear line per bad key."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Server events (SPEC §3.5): a durable, bounded queue, delivered in order to a real collector."""
+"""Server events: a durable, bounded queue, delivered in order to a real collector."""
 
 from __future__ import annotations
 

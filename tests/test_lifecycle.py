@@ -1,4 +1,4 @@
-"""The build lifecycle store (SPEC §3.1–3.3): every transition, every branch, the scenarios."""
+"""The build lifecycle store (docs/lifecycle.md): every transition, every branch, the scenarios."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_failpoint_names_cover_before_and_after() -> None:
 
 
 def test_open_fresh_points_at_release(lc: Lifecycle, dirs: tuple[Path, Path, Path]) -> None:
-    """A first start writes pointers (R, 0) in the SPEC's shape and links current to release_dir."""
+    """A first start writes pointers (R, 0) in the documented shape, current -> release_dir."""
     data = json.loads((lc.state_dir / "pointers.json").read_text())
     assert data == {"release": R, "next_boot": {"release": R, "patch": 0}, "last_booted": None,
                     "currently_booting": None, "boot_pid": None, "boot_pid_start": None,
@@ -303,7 +303,7 @@ def test_open_replaces_next_boot_whose_tree_vanished(lc: Lifecycle) -> None:
 ])
 def test_decide_download_table(state: object, file_size: int | None, tree: bool,
                                expected: Decision) -> None:
-    """Each (state, file on disk) pair maps to the SPEC §3.2 decision."""
+    """Each (state, file on disk) pair maps to the docs/lifecycle.md decision."""
     assert decide_download(state, "u", SHA, 100, file_size, tree) == expected  # type: ignore[arg-type]
 
 

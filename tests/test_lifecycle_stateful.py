@@ -1,4 +1,4 @@
-"""Random sequences of lifecycle transitions keep the SPEC §3.2/§3.3 invariants."""
+"""Random sequences of lifecycle transitions keep the docs/lifecycle.md/§3.3 invariants."""
 
 from __future__ import annotations
 

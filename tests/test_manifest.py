@@ -1,4 +1,4 @@
-"""Manifest parsing, validation and verification (SPEC §2.1)."""
+"""Manifest parsing, validation and verification (docs/formats.md)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def mutated(path: list[Any], value: Any) -> bytes:
 
 
 def test_parse_spec_example() -> None:
-    """The SPEC's example parses; rollout defaults to 100; patches are sorted by number."""
+    """The documented example parses; rollout defaults to 100; patches are sorted by number."""
     m = parse_manifest(encode(EXAMPLE))
     assert (m.app, m.channel, m.serial) == ("kiosk", "stable", 17)
     assert m.expires == datetime(2026, 12, 22, 10, tzinfo=UTC)

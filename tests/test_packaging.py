@@ -1,4 +1,4 @@
-"""The Debian package built by packaging/build-deb (SPEC §7, docs/install.md).
+"""The Debian package built by packaging/build-deb (docs/operations.md, docs/install.md).
 
 The .deb is built once per module (about half a minute, longer with a cold pip cache;
 PATCHD_DEB=path/to/patchd.deb reuses one built earlier). Its packaged `patchd` is run

@@ -111,7 +111,7 @@ def test_publish_refuses_other_app_or_channel(env: dict[str, Path]) -> None:
 
 
 def test_manifest_on_disk_is_spec_json(env: dict[str, Path]) -> None:
-    """manifest.json is the SPEC document with a serial and RFC 3339 expiry."""
+    """manifest.json is the specified document with a serial and RFC 3339 expiry."""
     publish(env["repo"], "kiosk", "stable", [env["key"]], [bundle(env, 1)], 50,
             timedelta(hours=1), now=NOW)
     doc = json.loads((env["repo"] / "manifest.json").read_text())

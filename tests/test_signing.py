@@ -1,4 +1,4 @@
-"""Ed25519 keys, key ids and threshold verification of detached signature files (SPEC §2.2)."""
+"""Ed25519 keys, key ids and threshold verification of detached signature files."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_untrusted_only() -> None:
 
 @pytest.mark.parametrize("sig", [b"", b"[]", b'{"signatures": 3}', b"\xff"])
 def test_malformed_signature_files(sig: bytes) -> None:
-    """Signature files that are not the SPEC's JSON object are refused as malformed."""
+    """Signature files that are not the specified JSON object are refused as malformed."""
     with pytest.raises(SignatureInvalid, match="malformed signature file"):
         verify_document(b"doc", sig, trust_of(A))
 

@@ -1,4 +1,4 @@
-"""The update strategy of SPEC §3.4, as pure decisions."""
+"""The update strategy of docs/lifecycle.md, as pure decisions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The real daemon against a real nginx repository made with patchd's publisher (SPEC §3.4)."""
+"""The real daemon against a real nginx repository made with patchd's publisher."""
 
 from __future__ import annotations
 

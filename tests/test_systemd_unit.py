@@ -1,4 +1,4 @@
-"""The systemd unit and the sysusers snippet (SPEC §3.1, §7).
+"""The systemd unit and the sysusers snippet (docs/lifecycle.md).
 
 `systemd-analyze verify` and `systemd-analyze security --offline=true` run on the real
 unit file; the tests skip, saying so, only where those programs are absent. systemd
@@ -75,7 +75,7 @@ def verifiable_copy(tmp_path: Path) -> Path:
 
 
 def test_unit_has_the_spec_settings() -> None:
-    """The unit has the type, watchdog, restart, reload, command and directories of SPEC §7."""
+    """The unit has the documented type, watchdog, restart, reload, command and directories."""
     assert one("Type") == "notify"
     assert one("NotifyAccess") == "main"
     assert one("WatchdogSec") == "30s"

@@ -93,7 +93,7 @@ async def test_interface_description_round_trips(sockdir: Path, name: str, text:
 
 @pytest.mark.anyio
 async def test_updater_interface_members(sockdir: Path) -> None:
-    """The varlink package sees every io.patchd.Updater method and error of SPEC §4."""
+    """The varlink package sees every io.patchd.Updater method and error of docs/socket.md"""
     path = sockdir / "s"
 
     def query() -> list[str]:

@@ -66,7 +66,7 @@ def manifest_doc(*, serial: int, release: str, patches: Sequence[tuple[int, list
                  app: str = "kiosk", channel: str = "stable",
                  expires: datetime | None = None, full: dict[str, Any] | None = None,
                  rolled_back: Sequence[int] = ()) -> dict[str, Any]:
-    """A SPEC §2.1 manifest document; ``patches`` is ``[(number, [bundle refs])]``."""
+    """A docs/formats.md manifest document; ``patches`` is ``[(number, [bundle refs])]``."""
     doc: dict[str, Any] = {
         "format": "patchd-manifest/1", "app": app, "channel": channel, "serial": serial,
         "expires": rfc3339(expires or datetime.now(UTC) + timedelta(days=7)),

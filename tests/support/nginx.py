@@ -1,4 +1,4 @@
-"""A real nginx on 127.0.0.1 serving a temp directory: the static repository of SPEC §2.
+"""A real nginx on 127.0.0.1 serving a temp directory: the static repository of docs/formats.md
 
 Use the fixture ``nginx_repo`` (import it into a test module, or list this module in
 ``pytest_plugins``); it yields an :class:`NginxRepo` that unpacks as

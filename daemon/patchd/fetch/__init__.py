@@ -1,9 +1,9 @@
 """fetch: bring manifests and bundles from a repository into the cache, never trusting it.
 
-A repository (SPEC §2) is static files on an HTTP(S) server, a CDN or in a local
+A repository (docs/formats.md) is static files on an HTTP(S) server, a CDN or in a local
 directory. This layer fetches the manifest and its signature (conditionally, capped at
 :data:`patchd.trust.manifest.MAX_DOCUMENT_BYTES`) and downloads bundles so that a
-download survives anything a network does (SPEC §3.2, §3.4): resets, truncation, lying
+download survives anything a network does (docs/lifecycle.md): resets, truncation, lying
 headers, stalls, cancellation, a SIGKILL. It checks bytes against the size and SHA-256
 the caller got from the signed manifest; whether a manifest is trusted is
 :mod:`patchd.trust`'s question, what a download means for a build is the caller's.

@@ -1,4 +1,4 @@
-"""Repository sources: where manifests and bundles come from (SPEC §2, §3.4).
+"""Repository sources: where manifests and bundles come from (docs/formats.md).
 
 A repository is static files, reached over HTTP(S) or in a local directory
 (``file://`` URL or a plain path). Both kinds offer the same three operations:

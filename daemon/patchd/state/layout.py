@@ -6,12 +6,12 @@ it. The tree it describes::
 
     state_dir/
       .lock                          flock: one process per state directory
-      pointers.json                  the boot pointers (SPEC §3.3, plus "os_release")
+      pointers.json                  the boot pointers (docs/lifecycle.md, plus "os_release")
       client.json                    client id, accepted manifest serial and validators
       root.json                      the accepted root of trust and its bootstrap
       events.json                    events not yet delivered to the collector
       current -> builds/R/N/tree     next boot's tree (absolute path for release_dir)
-      builds/R/N/state.json          one build's state (SPEC §3.2)
+      builds/R/N/state.json          one build's state (docs/lifecycle.md)
       builds/R/N/tree/               its installed tree
       builds/R/N/.staging-tree/      the installer's work in progress
       builds/R/N/.patchd-tmp-old-tree-*  a tree moved aside by a reinstall

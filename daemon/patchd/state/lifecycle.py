@@ -1,4 +1,4 @@
-"""The one owner of ``state.json``, ``pointers.json`` and the ``current`` link (SPEC §3.1–3.3).
+"""The one owner of ``state.json``, ``pointers.json`` and the ``current`` link (docs/lifecycle.md).
 
 Every change to what is on disk about builds goes through a named transition of
 :class:`Lifecycle`, and every transition is in this module; async code asks it what to

@@ -21,7 +21,7 @@ __all__ = ["Action", "Decision", "Pointers", "boot_elapsed", "booting_build", "c
 
 @dataclass(frozen=True, slots=True)
 class Pointers:
-    """Contents of ``pointers.json`` (SPEC §3.3).
+    """Contents of ``pointers.json`` (docs/lifecycle.md).
 
     ``os_release`` is an addition: the ``release_dir/VERSION`` seen at the last start,
     so an OS upgrade of the app is told apart from a full upgrade by patchd (after which
@@ -134,7 +134,7 @@ def decide_download(state: State | None, url: str, sha256: str, size: int,
 
 
 def choose_next_boot(pointers: Pointers, bootable: Callable[[Build], bool]) -> Build:
-    """SPEC §3.3 recompute: keep a bootable next_boot, else last_booted, else a base.
+    """docs/lifecycle.md recompute: keep a bootable next_boot, else last_booted, else a base.
 
     The bases are ``(release, 0)`` (a full upgrade that booted) and, below it, the OS
     release, which is always bootable. Never any other build: a build that was never
