@@ -20,13 +20,14 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import secrets
 import shutil
 import stat
 from pathlib import Path
 
 import structlog
 
+from patchd.core.errors import BundleInvalid, DiskFull, UnsafePath
+from patchd.core.fsio import DIR_FLAGS, open_dir_at, temp_name
 from patchd.trust import (
     BundleReader,
     DeleteOp,
@@ -36,8 +37,6 @@ from patchd.trust import (
     Payload,
     SymlinkOp,
 )
-from patchd.core.errors import BundleInvalid, DiskFull, UnsafePath
-from patchd.core.fsio import DIR_FLAGS, open_dir_at, temp_name
 
 log = structlog.get_logger("patchd.build.apply")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from patchd.build.clone import open_tree_dir
 
+
 def verify_tree(tree: Path, files: Mapping[str, str]) -> str | None:
     """Re-hash the files the bundle wrote; the first problem as text, or None when intact.
 

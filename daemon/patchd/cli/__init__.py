@@ -5,6 +5,8 @@ status`` stays quick), ``client`` holds the commands that talk to a running daem
 its socket, ``demo`` runs the whole flow in a temporary directory.
 """
 
-from patchd.cli.main import build_parser, main
+from patchd.cli.main import build_parser
 
-__all__ = ["build_parser", "main"]
+# ``main`` stays in patchd.cli.main (the console script's entry point): re-exporting a
+# function named like the module would shadow the module for ``import patchd.cli.main``.
+__all__ = ["build_parser"]
