@@ -217,9 +217,10 @@ class Replay:
 
 
 def crash_states(snapshot: Path, ops: list[Op], *, seed: int | None = None,
-                 keep_unsynced: float = 0.5) -> Iterator[tuple[int, Node]]:
-    """(cut, durable tree) for every cut point, in order. ``seed`` None: strict model;
-    otherwise the weak model with that seed (one random draw per cut point).
+                 keep_unsynced: float = 0.5, only: set[int] | None = None,
+                 ) -> Iterator[tuple[int, Node]]:
+    """(cut, durable tree) for every cut point (or those in ``only``), in order. ``seed``
+    None: strict model; otherwise the weak model with that seed (one draw per cut).
 
     The strict model is one pass over the log; the weak model replays from the
     snapshot for each cut, so every cut gets its own independent subset.
@@ -232,11 +233,15 @@ def crash_states(snapshot: Path, ops: list[Op], *, seed: int | None = None,
             for op in ops[done:cut]:
                 replay.apply(op)
             done = cut
-            yield cut, replay.root
+            if only is None or cut in only:
+                yield cut, replay.root
         return
     rng = random.Random(seed)
     for cut in cuts:
-        replay = Replay(snapshot, random.Random(rng.getrandbits(64)), keep_unsynced)
+        sub_seed = rng.getrandbits(64)
+        if only is not None and cut not in only:
+            continue
+        replay = Replay(snapshot, random.Random(sub_seed), keep_unsynced)
         for op in ops[:cut]:
             replay.apply(op)
         yield cut, replay.root
