@@ -41,6 +41,7 @@ from typing import Any, TypeVar, cast
 import structlog
 
 from patchd.core import fsio
+from patchd.core.durable import make_dirs
 from patchd.core.errors import (
     ConfigError,
     IllegalTransition,
@@ -298,12 +299,12 @@ class Lifecycle:
     @classmethod
     def open(cls, state_dir: Path, cache_dir: Path, release_dir: Path) -> Lifecycle:
         """Lock the state directory, load it and repair whatever a crash left behind."""
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(state_dir)
         lock_fd = _take_lock(state_dir)
         try:
             os_release = read_release(release_dir)
-            (state_dir / "builds").mkdir(exist_ok=True)
-            (cache_dir / "downloads").mkdir(parents=True, exist_ok=True)
+            make_dirs(state_dir / "builds")
+            make_dirs(cache_dir / "downloads")
             pointers = _load_pointers(state_dir / POINTERS_FILE)
             self = cls(state_dir, cache_dir, release_dir, os_release,
                        pointers or Pointers.initial(os_release), lock_fd)
@@ -379,7 +380,7 @@ class Lifecycle:
                 fsio.remove_tree(builds_dir / entry)
         if last_seen is not None:
             fsio.remove_tree(self.cache_dir / "downloads")
-            (self.cache_dir / "downloads").mkdir(parents=True, exist_ok=True)
+            make_dirs(self.cache_dir / "downloads")
             log.warning("lifecycle.release_changed", old=last_seen, new=self.os_release)
         self._write_pointers(Pointers.initial(self.os_release), "release_change.pointers")
 
@@ -479,7 +480,7 @@ class Lifecycle:
         removes any staging tree it finds.
         """
         bdir = self._build_dir(build)
-        bdir.mkdir(parents=True, exist_ok=True)
+        make_dirs(bdir)  # durable: the tree renamed into it must not vanish with it
         return bdir / STAGING_DIR
 
     @_locked
@@ -812,7 +813,6 @@ class Lifecycle:
             log.warning("lifecycle.base_not_marked", build=str(build), reason=reason.value,
                       detail=detail)
             return
-        self._build_dir(build).mkdir(parents=True, exist_ok=True)
         self._write_state(build, Bad(reason, detail, utc_now_text()), site)
         log.warning(reason.value, build=str(build), detail=detail)
 
@@ -893,7 +893,7 @@ class Lifecycle:
 
     def _write_state(self, build: Build, state: State, site: str) -> None:
         path = self._build_dir(build) / STATE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(path.parent)  # a state file is durable only if its directory is
         failpoint(f"{site}.before")
         fsio.atomic_write_json(path, state.to_json())
         failpoint(f"{site}.after")
