@@ -9,15 +9,18 @@ build recorded installed must have its whole tree at every cut.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from patchd.core.model import Build, Downloading, state_from_json
+from patchd.build.install import materialise
+from patchd.core.model import Build, Downloading, Installed, state_from_json
 from support.crashstate import crash_states, read_log
 from support.crashstate import materialise as write_state
-from support.install_child import Env, make_env
+from support.install_child import Env, listing, make_env, stage_download
 from support.powerfs import PowerFs, unavailable
 
 R = "1.0"
@@ -73,3 +76,33 @@ def test_new_build_directory_survives_a_power_cut(mounted: tuple[PowerFs, Env],
             if done and not isinstance(build_state(root, B1), Downloading)]
     assert not lost, f"the recorded download was lost at cut points {lost}"
 
+
+def test_installed_tree_is_whole_at_every_power_cut(mounted: tuple[PowerFs, Env],
+                                                    tmp_path: Path) -> None:
+    """An install (hard-link clone, file, delta-sized edit, dir, symlink, delete) is never
+    recorded installed without its whole tree on disk, and is complete once returned."""
+    fs, env = mounted
+    target = tmp_path / "target"
+    shutil.copytree(fs.backing / "release", target, symlinks=True)
+    (target / "lib/a.txt").write_text("a, patched\n")
+    (target / "share/old.txt").unlink()
+    (target / "share/new").mkdir()
+    (target / "share/new/n.txt").write_text("new\n")
+    os.symlink("../lib/a.txt", target / "share/link")
+    bundle = env.pack(B1, fs.backing / "release", target)
+    want = listing(target)
+    with env.open() as lc:
+        stage_download(lc, B1, bundle)
+        fs.checkpoint()
+        materialise(lc, env.request(B1, bundle))
+        fs.mark("returned")
+    checked = 0
+    for done, cut, root in states_after(fs, tmp_path):
+        state = build_state(root, B1)
+        tree = root / "state" / "builds" / R / "1" / "tree"
+        if isinstance(state, Installed) or done:
+            assert isinstance(state, Installed), f"cut {cut}: returned, but state is {state}"
+            assert listing(tree) == want, f"cut {cut}: installed tree differs from the target"
+            checked += 1
+        shutil.rmtree(root)
+    assert checked >= 1

@@ -12,11 +12,12 @@ included: the power-cut campaign (tests/e2e/test_powercut.py) proves what is her
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from patchd.core.fsio import fsync_dir
+from patchd.core.fsio import DIR_FLAGS, fsync_dir
 
-__all__ = ["make_dirs"]
+__all__ = ["make_dirs", "sync_dirs"]
 
 
 def make_dirs(path: Path, mode: int = 0o777) -> None:
@@ -41,3 +42,30 @@ def make_dirs(path: Path, mode: int = 0o777) -> None:
                 raise
         fsync_dir(new.parent)
 
+
+def sync_dirs(root: Path) -> int:
+    """fsync every directory of the tree at ``root`` (``root`` included); the count.
+
+    For a tree made in a staging directory: every directory there is new, so every one
+    holds entries (names, links, renames) that only its own fsync makes durable. Files
+    written into the tree are fsynced by their writer; hard-linked clones need no fsync
+    (their bytes are the base's, durable already). Links are never followed.
+    """
+    count = 0
+    stack = [os.open(root, DIR_FLAGS)]
+    try:
+        while stack:
+            fd = stack.pop()
+            try:
+                with os.scandir(fd) as entries:
+                    subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+                for name in subdirs:
+                    stack.append(os.open(name, DIR_FLAGS, dir_fd=fd))
+                os.fsync(fd)
+                count += 1
+            finally:
+                os.close(fd)
+    finally:
+        for fd in stack:
+            os.close(fd)
+    return count
