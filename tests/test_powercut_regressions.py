@@ -77,8 +77,9 @@ def test_new_build_directory_survives_a_power_cut(mounted: tuple[PowerFs, Env],
     assert not lost, f"the recorded download was lost at cut points {lost}"
 
 
+@pytest.mark.parametrize("clone", ["hardlink", "copy"])
 def test_installed_tree_is_whole_at_every_power_cut(mounted: tuple[PowerFs, Env],
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, clone: str) -> None:
     """An install (hard-link clone, file, delta-sized edit, dir, symlink, delete) is never
     recorded installed without its whole tree on disk, and is complete once returned."""
     fs, env = mounted
@@ -94,7 +95,7 @@ def test_installed_tree_is_whole_at_every_power_cut(mounted: tuple[PowerFs, Env]
     with env.open() as lc:
         stage_download(lc, B1, bundle)
         fs.checkpoint()
-        materialise(lc, env.request(B1, bundle))
+        materialise(lc, env.request(B1, bundle, clone=clone))  # type: ignore[arg-type]
         fs.mark("returned")
     checked = 0
     for done, cut, root in states_after(fs, tmp_path):

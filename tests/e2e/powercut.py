@@ -11,7 +11,10 @@ The checks, on the crash state as the power cut left it (before any repair):
 - every state file that is present parses;
 - every build recorded ``installed`` has a tree identical to its build (not only the
   files the bundle wrote: the clone too);
-- ``pointers.json``'s next_boot is the release or an installed build with such a tree;
+- every promise already made holds: a scenario marks the log (``ok-NAME``) when the
+  daemon has acknowledged a step (an install reported done, a BootSuccess answered), and
+  from that cut on, what was acknowledged must be on disk. A crash state that merely
+  lies between two writes of one transition is not a failure: start-up repairs those;
 
 then :func:`invariants.check_after_restart` (READY, the boot target's tree is
 byte-identical, an update resumes and completes to the newest eligible build, no
@@ -82,10 +85,17 @@ class Recording:
         """(op index, label) of every mark."""
         return [(i, op["label"]) for i, op in enumerate(self.ops) if op["op"] == "mark"]
 
+    def promise_cuts(self) -> dict[str, int]:
+        """mark label → the first cut at which every change made before the mark is
+        applied (opens and releases between the last change and the mark do not count)."""
+        cuts = cut_points(self.ops)
+        return {label: max(c for c in cuts if c <= i) for i, label in self.labels()}
+
     def label_at(self, cut: int) -> str:
+        """The step a cut falls in (the last step mark before it; promises aside)."""
         found = "start"
         for i, label in self.labels():
-            if i < cut:
+            if i < cut and not label.startswith("ok-"):
                 found = label
         return found
 
@@ -137,16 +147,23 @@ class Checker:
     release_listing: dict[str, tuple[Any, ...]]
     expect: Callable[[DaemonProcess], None] | None = None
     extra_pre: Callable[[Path], None] | None = None
+    #: mark label (``ok-NAME``) → what must be on disk at every cut after it
+    promises: dict[str, Callable[[Path], None]] = field(default_factory=dict)
     _n: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def check(self, root: Path, where: str) -> None:
+    def check(self, root: Path, where: str, promised: frozenset[str] = frozenset()) -> None:
         with self._lock:
             self._n += 1
             n = self._n
         pre_checks(root, self.trees, where)
-        if self.extra_pre is not None:
-            self.extra_pre(root)
+        try:
+            if self.extra_pre is not None:
+                self.extra_pre(root)
+            for label in sorted(promised):
+                self.promises[label](root)
+        except AssertionError as exc:
+            raise CutFailure(f"{where}: before restart: {exc}") from None
         d = daemon_on(root, self.work / f"d{n}", self.manifest_url, self.keys,
                       extra='[install]\nmin_free = "0"\n')
         try:
@@ -164,23 +181,13 @@ class Checker:
 
 
 def pre_checks(root: Path, trees: Trees, where: str) -> None:
-    """The crash state as the power cut left it: parseable, no incomplete install, a
-    bootable next_boot (before the daemon repairs anything)."""
+    """The crash state as the power cut left it: parseable, no incomplete install."""
     state = root / "state"
     try:
-        pointers = check_state_files(state, None, require=False)
+        check_state_files(state, None, require=False)
     except AssertionError as exc:
         raise CutFailure(f"{where}: before restart: {exc}") from None
     check_installed_trees(state, trees, f"{where}: before restart")
-    if pointers is None:
-        return
-    nb = pointers.next_boot
-    os_release = (pointers.os_release or pointers.release)
-    if nb == Build(os_release, 0) and not isinstance(build_states(state).get(nb), Installed):
-        return
-    if not isinstance(build_states(state).get(nb), Installed):
-        raise CutFailure(f"{where}: before restart: next_boot {nb} is not installed "
-                         f"(its state is {build_states(state).get(nb)})")
 
 
 def check_installed_trees(state: Path, trees: Trees, where: str) -> None:
@@ -212,28 +219,30 @@ def run_cuts(rec: Recording, checker: Checker, out: Path, *, model: str = "stric
              workers: int = 2) -> CutResult:
     """Check the crash state of every cut point of ``rec`` (or only ``sample``'s)."""
     result = CutResult(rec.name, model)
-    todo: dict[str, tuple[Path, list[int]]] = {}
+    todo: dict[tuple[str, frozenset[str]], tuple[Path, list[int], frozenset[str]]] = {}
     wanted = None if sample is None else set(sample)
     for cut, root in crash_states(rec.snapshot, rec.ops, seed=seed, only=wanted):
         result.cuts += 1
         label = rec.label_at(cut)
         result.by_label[label] = result.by_label.get(label, 0) + 1
-        key = digest(root)
+        promised = frozenset(label for label, at in rec.promise_cuts().items()
+                             if cut >= at and label in checker.promises)
+        key = (digest(root), promised)
         if key in todo:
             todo[key][1].append(cut)
             continue
         dest = out / f"{rec.name}-{model}-{len(todo):04d}"
         materialise(root, dest, relocate=(str(rec.mount), str(dest)))
-        todo[key] = (dest, [cut])
-    result.states = len(todo)
+        todo[key] = (dest, [cut], promised)
+    result.states = len({k[0] for k in todo})
 
-    def one(item: tuple[Path, list[int]]) -> str | None:
-        dest, cuts = item
-        where = (f"{rec.name} [{model}] cut {cuts[0]} ({rec.label_at(cuts[0])}; "
+    def one(item: tuple[Path, list[int], frozenset[str]]) -> str | None:
+        dest, cuts, promised = item
+        where = (f"{rec.name} [{model}] cut after op {cuts[0]} ({rec.label_at(cuts[0])}; "
                  f"{len(cuts)} cut point(s) share this state; op: "
                  f"{json.dumps(rec.ops[cuts[0] - 1])[:160] if cuts[0] else 'none'})")
         try:
-            checker.check(dest, where)
+            checker.check(dest, where, promised)
         except CutFailure as exc:
             return str(exc)[:3000]
         shutil.rmtree(dest, ignore_errors=True)

@@ -34,7 +34,8 @@ import pytest
 from invariants import build_states, listing, read_pointers
 from powercut import Checker, CutResult, daemon_on, finish, recorder, run_cuts
 
-from patchd.core.model import Bad, Build
+from patchd.core.model import Bad, Build, Installed, State
+from patchd.state.lifecycle import Pointers
 from support.crashstate import cut_points
 from support.daemon import DaemonProcess, Publisher, write_tree
 from support.nginx import NGINX, run_nginx
@@ -111,10 +112,40 @@ class Campaign:
 
     def checker(self, name: str, extra_pre: Callable[[Path], None] | None = None,
                 expect: Callable[[DaemonProcess], None] | None = None,
-                release: str = RELEASE) -> Checker:
+                release: str = RELEASE,
+                promises: dict[str, Callable[[Path], None]] | None = None) -> Checker:
         return Checker(self.tmp / "cuts" / name, self.url, [self.publisher.public],
                        self.trees, self.publisher.repo, release, listing(self.pristine),
-                       expect=expect, extra_pre=extra_pre)
+                       expect=expect, extra_pre=extra_pre, promises=promises or {})
+
+
+def on_disk(root: Path) -> tuple[Pointers | None, dict[Build, State]]:
+    state = root / "state"
+    pointers = read_pointers(state) if (state / "pointers.json").exists() else None
+    return pointers, build_states(state)
+
+
+def promise(next_boot: Build | None = None, installed: Build | None = None,
+            bad: Build | None = None, gone: Build | None = None,
+            last_booted: Build | None = None, either: Build | None = None
+            ) -> Callable[[Path], None]:
+    """What an acknowledged step put on disk, as a check of a crash state."""
+    def check(root: Path) -> None:
+        p, states = on_disk(root)
+        want = (f"next_boot={next_boot} installed={installed} bad={bad} gone={gone} "
+                f"last_booted={last_booted} either={either}")
+        got = f"pointers={p} states={states}"
+        assert p is not None, f"acknowledged {want}, but pointers.json is gone"
+        assert next_boot is None or p.next_boot == next_boot, f"acknowledged {want}; {got}"
+        assert last_booted is None or p.last_booted == last_booted, f"acknowledged {want}; {got}"
+        assert installed is None or isinstance(states.get(installed), Installed), \
+            f"acknowledged {want}; {got}"
+        assert bad is None or isinstance(states.get(bad), Bad), f"acknowledged {want}; {got}"
+        assert gone is None or not isinstance(states.get(gone), Installed), \
+            f"acknowledged {want}; {got}"
+        assert either is None or isinstance(states.get(either), Installed | Bad), \
+            f"acknowledged {want}; {got}"
+    return check
 
 
 def install(d: DaemonProcess, build: Build) -> None:
@@ -159,10 +190,11 @@ def scenario_update(c: Campaign, fs: Any) -> Checker:
     fs.mark("resume")
     d.start()
     install(d, Build(RELEASE, 1))
-    fs.mark("stop")
+    fs.mark("ok-installed")
     d.stop()
     d.close()
-    return c.checker("update")
+    return c.checker("update", promises={
+        "ok-installed": promise(next_boot=Build(RELEASE, 1), installed=Build(RELEASE, 1))})
 
 
 def scenario_boot(c: Campaign, fs: Any) -> Checker:
@@ -177,17 +209,24 @@ def scenario_boot(c: Campaign, fs: Any) -> Checker:
     host.kill()
     host.wait()
     d.wait_status(lambda s: s["next_boot"] == Build(RELEASE, 1).to_json(), "fallback to p1")
+    fs.mark("ok-crash")
     fs.mark("boot-success")
     boot_ok(d)
+    fs.mark("ok-booted")
     fs.mark("install-p3")
     c.publish(Build(RELEASE, 1), Build(RELEASE, 2), Build(RELEASE, 3))
     install(d, Build(RELEASE, 3))
+    fs.mark("ok-p3")
     fs.mark("boot-failure")
     d.call("BootStart", {"pid": os.getpid()})
     d.call("BootFailure", {"reason": "crashed"})
+    fs.mark("ok-failed")
     d.stop()
     d.close()
-    return c.checker("boot")
+    p1, p2, p3 = (Build(RELEASE, n) for n in (1, 2, 3))
+    return c.checker("boot", promises={
+        "ok-crash": promise(bad=p2), "ok-booted": promise(last_booted=p1),
+        "ok-p3": promise(either=p3), "ok-failed": promise(next_boot=p1, bad=p3)})
 
 
 def scenario_rollback(c: Campaign, fs: Any) -> Checker:
@@ -199,9 +238,11 @@ def scenario_rollback(c: Campaign, fs: Any) -> Checker:
     c.publisher.roll_back(RELEASE, 2)
     d.check_and_wait()
     assert d.status()["next_boot"] == Build(RELEASE, 1).to_json()
+    fs.mark("ok-rolled-back")
     d.stop()
     d.close()
-    return c.checker("rollback")
+    return c.checker("rollback", promises={
+        "ok-rolled-back": promise(next_boot=Build(RELEASE, 1), gone=Build(RELEASE, 2))})
 
 
 def scenario_full(c: Campaign, fs: Any) -> Checker:
@@ -215,8 +256,10 @@ def scenario_full(c: Campaign, fs: Any) -> Checker:
     fs.mark("full-upgrade")
     c.publish(Build(RELEASE, 1), Build(NEXT, 0))
     install(d, Build(NEXT, 0))
+    fs.mark("ok-installed")
     fs.mark("boot-new-release")
     boot_ok(d)
+    fs.mark("ok-booted")
     d.stop()
     d.close()
 
@@ -224,7 +267,10 @@ def scenario_full(c: Campaign, fs: Any) -> Checker:
         status = dd.status()
         assert status["next_boot"] == Build(NEXT, 0).to_json(), status
 
-    return c.checker("full", expect=expect, release=NEXT)
+    full = Build(NEXT, 0)
+    return c.checker("full", expect=expect, release=NEXT, promises={
+        "ok-installed": promise(next_boot=full, installed=full),
+        "ok-booted": promise(last_booted=full)})
 
 
 def scenario_tombstone(c: Campaign, fs: Any) -> Checker:
@@ -234,6 +280,7 @@ def scenario_tombstone(c: Campaign, fs: Any) -> Checker:
     d.start()
     fs.mark("manual-rollback")
     d.call("Rollback")
+    fs.mark("ok-rolled-back")
     d.stop()
     d.close()
 
@@ -247,7 +294,8 @@ def scenario_tombstone(c: Campaign, fs: Any) -> Checker:
             raise AssertionError(f"next_boot moved off p2 but its tombstone is lost: "
                                  f"{build_states(state)}")
 
-    return c.checker("tombstone", extra_pre=tombstone_kept)
+    return c.checker("tombstone", extra_pre=tombstone_kept, promises={
+        "ok-rolled-back": promise(next_boot=Build(RELEASE, 1), bad=Build(RELEASE, 2))})
 
 
 SCENARIOS: dict[str, Callable[[Campaign, Any], Checker]] = {
