@@ -81,8 +81,7 @@ def test_unsynced_new_file_is_absent_then_empty_then_whole(snap: Path) -> None:
 
 
 def test_atomic_replace_keeps_old_or_new_at_every_cut(snap: Path) -> None:
-    """temp + fsync + rename + directory fsync: every strict cut holds old or new bytes,
-    and only the final directory fsync makes the new bytes the durable ones."""
+    """temp+fsync+rename+dir fsync: every cut holds old or new, new only after the last."""
     states = strict(snap, ATOMIC_REPLACE)
     assert [s["state"] for s in states] == [b"old"] * 5 + [b"new"]
     assert all(s.get(".tmp") in (None, b"new") for s in states)

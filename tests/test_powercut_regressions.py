@@ -65,8 +65,7 @@ def build_state(root: Path, build: Build) -> object:
 
 def test_new_build_directory_survives_a_power_cut(mounted: tuple[PowerFs, Env],
                                                   tmp_path: Path) -> None:
-    """A first state of a new build (builds/R/N created for it) survives a power cut once
-    recorded: its new directories are made durable, not only the file in them."""
+    """A new build's first state survives every cut once recorded (its new dirs too)."""
     fs, env = mounted
     with env.open() as lc:
         fs.checkpoint()
@@ -80,8 +79,7 @@ def test_new_build_directory_survives_a_power_cut(mounted: tuple[PowerFs, Env],
 @pytest.mark.parametrize("clone", ["hardlink", "copy"])
 def test_installed_tree_is_whole_at_every_power_cut(mounted: tuple[PowerFs, Env],
                                                     tmp_path: Path, clone: str) -> None:
-    """An install (hard-link clone, file, delta-sized edit, dir, symlink, delete) is never
-    recorded installed without its whole tree on disk, and is complete once returned."""
+    """An install is never on disk as installed without its whole tree, at any cut."""
     fs, env = mounted
     target = tmp_path / "target"
     shutil.copytree(fs.backing / "release", target, symlinks=True)

@@ -15,8 +15,8 @@ checked (tests/e2e/powercut.py). Scenarios, small trees so that "every" stays ex
 - tombstone: an operator's rollback writes a tombstone.
 
 ``PATCHD_FULL=1``: every scenario, every cut, and a larger weak-model sample. Default
-(CI): the update and tombstone scenarios exhaustively, a spread of the others' distinct
-states, and a small weak sample. Needs root and /dev/fuse; skips with the reason if not.
+(CI): the update and tombstone scenarios exhaustively, 13–17 cut points spread over each
+of the others, and a small weak sample. Needs root and /dev/fuse; skips with the reason if not.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import random
 import shutil
 import subprocess
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -327,8 +328,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_every_power_cut_keeps_the_invariants(campaign: Campaign, name: str) -> None:
-    """At every cut point of the scenario, the crash state restarts into a daemon that
-    keeps every invariant (strict model), and so does a random weak-model sample."""
+    """Every cut point's crash state (strict; a weak sample too) keeps every invariant."""
     c = campaign
     c.use_repo(f"repo-{name}")
     started = time.monotonic()
@@ -341,7 +341,7 @@ def test_every_power_cut_keeps_the_invariants(campaign: Campaign, name: str) -> 
         sample = [*cuts[:: max(1, len(cuts) // CI_SPREAD)], cuts[-1]]
     out = c.tmp / "states"
     strict = run_cuts(rec, checker, out, sample=sample)
-    rng = random.Random(SEED ^ hash(name))
+    rng = random.Random(SEED ^ zlib.crc32(name.encode()))  # stable across processes
     weak_cuts = sorted(rng.sample(cuts, min(WEAK_SAMPLE, len(cuts))))
     weak = run_cuts(rec, checker, out, model="weak", seed=SEED, sample=weak_cuts)
     c.results += [strict, weak]
