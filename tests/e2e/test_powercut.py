@@ -65,7 +65,7 @@ def make_patch_tree(release: Path, dest: Path, patch: int) -> Path:
                       f"share/p{patch}/notes.txt": f"patch {patch}\n"})
     (dest / "share/doc.txt").unlink()
     os.symlink("../lib/app.txt", dest / "share/app-link")
-    (dest / "share/blob.bin").write_bytes(random.Random(patch).randbytes(96 * 1024))
+    (dest / "share/blob.bin").write_bytes(random.Random(patch).randbytes(256 * 1024))
     return dest
 
 
