@@ -146,7 +146,7 @@ def main() -> None:
         mib = size / 2**20
         line("read+verify (MiB/s)", f"{mib / t_read:.0f}", f"zstd|tar -x {mib / t_tar:.0f} MiB/s",
              f"{t_tar / t_read:.2f}x")
-        line("read+verify+apply+syncfs (MiB/s)", f"{mib / t_apply:.0f}",
+        line("read+verify+apply+fsync (MiB/s)", f"{mib / t_apply:.0f}",
              f"zstd|tar -x {mib / t_tar:.0f} MiB/s", f"{t_tar / t_apply:.2f}x")
         line("reader peak RSS, verify (MiB)", f"{rss / 2**20:.1f}",
              f"budget {RSS_BUDGET / 2**20:.0f} MiB", f"{rss / RSS_BUDGET:.2f}x")

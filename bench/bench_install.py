@@ -137,7 +137,7 @@ def main() -> None:
         os.sync()
         base_times, inst_times, rss = [], [], 0
         for i in range(opts.rounds):
-            # Each side starts with nothing dirty: syncfs() inside materialise() must not be
+            # Each side starts with nothing dirty: the fsyncs inside materialise() must not be
             # charged for flushing the previous round's removals.
             os.sync()
             base_times.append(baseline(base, tar, work / f"cp{i}"))

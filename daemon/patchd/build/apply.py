@@ -5,10 +5,11 @@ Every path is walked one component at a time through directory file descriptors 
 (walking through one is refused as UnsafePath). An existing file is never opened for
 writing — it may be a hard link into the running release — so new content goes to a
 fresh temp file in the same directory, is fsynced and given its mode on the new inode,
-then renamed over the old name. Durability comes from one ``syncfs`` of the staging
-filesystem before returning (not an fsync per file and directory, which costs ~10 ms
-each on a VM disk): nothing is visible to the host until the installer renames the
-finished staging tree into place, so only the state at return must be on disk.
+then renamed over the old name. Each written file is fsynced here (its bytes and mode);
+the installer fsyncs every directory of the staging tree once, before the rename that
+makes it visible (``patchd.core.durable``). ``syncfs`` of the staging filesystem would
+be one call instead, but it never reaches FUSE or network file systems and waits on
+every dirty page of the file system, the running app's included.
 Directory modes are set at the end, deepest first, so a read-only directory in the
 bundle does not stop its own files from being written.
 """
@@ -16,8 +17,6 @@ bundle does not stop its own files from being written.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import shutil
@@ -43,18 +42,6 @@ log = structlog.get_logger("patchd.build.apply")
 #: A delta's base file is read whole into memory; larger ones are refused.
 MAX_DELTA_BASE = 64 * 1024 * 1024
 _CHUNK = 1024 * 1024
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def syncfs(fd: int) -> None:
-    """Flush the whole filesystem holding ``fd`` (Linux syncfs(2); os.sync elsewhere)."""
-    func = getattr(_LIBC, "syncfs", None)
-    if func is None:
-        os.sync()
-        return
-    if func(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class _Tree:
@@ -146,6 +133,7 @@ def _write_file(tree: _Tree, op: FileOp | DeltaOp, payload: Payload) -> None:
                 while view:
                     view = view[os.write(fd, view):]
             os.fchmod(fd, op.mode)
+            os.fsync(fd)  # bytes and mode durable before the name can be
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -237,7 +225,6 @@ def apply_bundle(reader: BundleReader, staging: Path) -> dict[str, str]:
             else:
                 _forget(files, modes, op.path, whole_dir=_delete(tree, op))
         _set_dir_modes(tree, modes)
-        syncfs(tree.root_fd)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"no space left applying {reader.path.name} to {staging}") from exc

@@ -171,6 +171,7 @@ def _clone_file(src_fd: int, dst_fd: int, name: str, mode: CloneMode) -> None:
             else:
                 _copy_fd(fsrc, fd)
             os.fchmod(fd, stat.S_IMODE(os.fstat(fsrc).st_mode))
+            os.fsync(fd)  # a new inode (a hard link shares the base's, durable already)
         finally:
             os.close(fd)
     finally:
@@ -194,7 +195,8 @@ def _copy_fd(src: int, dst: int) -> None:
 def restore_dir_modes(tree: Path, deferred: Mapping[str, int], set_by_bundle: set[str]
                        ) -> None:
     """Give cloned directories their base modes back (deepest first), except those the
-    bundle set with a ``dir`` op or removed; each is fsynced (the rename follows)."""
+    bundle set with a ``dir`` op or removed. Not fsynced here: the installer fsyncs
+    every directory of the staging tree once, after this (``core.durable.sync_dirs``)."""
     for rel in sorted(deferred, key=lambda p: p.count("/") if p else -1, reverse=True):
         if rel in set_by_bundle:
             continue
@@ -204,7 +206,6 @@ def restore_dir_modes(tree: Path, deferred: Mapping[str, int], set_by_bundle: se
             continue  # deleted or replaced by the bundle
         try:
             os.fchmod(fd, deferred[rel])
-            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -31,6 +31,7 @@ from patchd.build.clone import (
     probe_clone_mode,
     restore_dir_modes,
 )
+from patchd.core.durable import sync_dirs
 from patchd.core.errors import BadInputError, DiskFull, InstallCancelled, UsageError
 from patchd.core.fsio import fsync_dir, remove_tree
 from patchd.core.model import Build, Installed
@@ -157,13 +158,15 @@ def _build_tree(lifecycle: Lifecycle, req: InstallRequest, staging: Path,
             _method, deferred = clone_deferred(base, staging, method)
         else:
             staging.mkdir(mode=0o755)
-        # apply_bundle ends with syncfs() on the staging tree: the cloned entries and
-        # the written files are durable before the caller's rename makes them visible.
         source = reader if check_cancelled is None else \
             _StoppableReader(reader, check_cancelled)
         files = apply_bundle(source, staging)  # type: ignore[arg-type]
         set_by_bundle = {op.path for op in reader.header.ops if isinstance(op, DirOp)}
         restore_dir_modes(staging, deferred, set_by_bundle)
+        # Written files were fsynced as they were written; every directory is new and
+        # holds entries only its own fsync makes durable. All before the rename that
+        # makes the tree visible, and so before the state that says it is installed.
+        sync_dirs(staging)
         return reader.header.unpacked_size, files
 
 

@@ -23,6 +23,7 @@ from types import TracebackType
 import structlog
 
 from patchd.core import fsio
+from patchd.core.durable import make_dirs
 from patchd.core.errors import (
     IllegalTransition,
     InstallLoop,
@@ -118,7 +119,8 @@ class Lifecycle(LifecycleView):
         Creates ``builds/R/N/`` so the rename stays inside one directory; start-up
         removes any staging tree it finds.
         """
-        self.layout.build_dir(build).mkdir(parents=True, exist_ok=True)
+        # Durable: the tree renamed into it must not vanish with it after a power cut.
+        make_dirs(self.layout.build_dir(build))
         return self.layout.staging(build)
 
     # --- download ---
@@ -411,7 +413,6 @@ class Lifecycle(LifecycleView):
             log.warning("lifecycle.base_not_marked", build=str(build), reason=reason.value,
                       detail=detail)
             return
-        self.layout.build_dir(build).mkdir(parents=True, exist_ok=True)
         self._write_state(build, Bad(reason, detail, utc_now_text(), sha256), site)
         log.warning(reason.value, build=str(build), detail=detail)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from patchd.core import fsio
+from patchd.core.durable import make_dirs
 from patchd.core.errors import ConfigError, StateLocked
 from patchd.core.model import (
     Bad,
@@ -48,7 +49,7 @@ log = structlog.get_logger("patchd.state.recovery")
 def take_lock(layout: Layout) -> int:
     """Create the state directory if needed and hold its flock: one process per
     directory. Returns the descriptor to close on release; raises :class:`StateLocked`."""
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(layout.state_dir)
     path = layout.lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -91,8 +92,8 @@ def load(layout: Layout, release_dir: Path) -> Loaded:
     """Read the OS release and the pointers, start over when the OS installed another
     release, and sweep what interrupted transitions left. The caller holds the lock."""
     os_release = read_release(release_dir)
-    layout.builds.mkdir(exist_ok=True)
-    layout.downloads.mkdir(parents=True, exist_ok=True)
+    make_dirs(layout.builds)
+    make_dirs(layout.downloads)
     loaded = store.read_pointers(layout)
     last_seen = (loaded.os_release or loaded.release) if loaded else None
     if loaded is None or last_seen != os_release:
@@ -146,7 +147,7 @@ def _release_change(layout: Layout, os_release: str, last_seen: str | None) -> P
             fsio.remove_tree(layout.builds / entry)
     if last_seen is not None:
         fsio.remove_tree(layout.downloads)
-        layout.downloads.mkdir(parents=True, exist_ok=True)
+        make_dirs(layout.downloads)
         log.warning("lifecycle.release_changed", old=last_seen, new=os_release)
     pointers = Pointers.initial(os_release)
     store.write_pointers(layout, pointers, "release_change.pointers")

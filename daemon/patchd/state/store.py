@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from patchd.core import fsio
+from patchd.core.durable import make_dirs
 from patchd.core.model import Build, Installed, State, is_valid_release, state_from_json
 from patchd.host.process import failpoint
 from patchd.state.layout import OLD_TREE_PREFIX, STATE_FILE, TREE_DIR, DownloadFiles, Layout
@@ -115,7 +116,7 @@ def list_builds(layout: Layout) -> list[tuple[Build, State]]:
 
 def write_state(layout: Layout, build: Build, state: State, site: str) -> None:
     path = layout.state_file(build)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)  # a state file is durable only if its directory is
     failpoint(f"{site}.before")
     fsio.atomic_write_json(path, state.to_json())
     failpoint(f"{site}.after")
