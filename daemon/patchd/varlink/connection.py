@@ -307,12 +307,13 @@ class _Connection:
                         return  # only half-closed: it may still read the stream
 
             tg.start_soon(watch)
+            # Bound before the stream runs: a hang-up cancels the stream mid-await, and
+            # then neither branch below runs.
+            dropped: _Drop | None = None
             try:
                 await self._stream(call, replies)
             except _Drop as exc:  # re-raised below, not as an ExceptionGroup
-                dropped: _Drop | None = exc
-            else:
-                dropped = None
+                dropped = exc
             tg.cancel_scope.cancel()
         if dropped is not None:
             raise dropped
