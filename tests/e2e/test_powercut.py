@@ -45,6 +45,9 @@ from support.powerfs import unavailable
 RELEASE, NEXT = "1.4.0", "1.5.0"
 FULL = os.environ.get("PATCHD_FULL") == "1"
 WEAK_SAMPLE = int(os.environ.get("PATCHD_POWERCUT_WEAK", "40" if FULL else "4"))
+#: Rounds of the weak sample, each with its own seed (another random subset of the
+#: unsynced operations at the same cuts): 5 × 40 × 5 scenarios = 1,000 weak states in full.
+WEAK_ROUNDS = int(os.environ.get("PATCHD_POWERCUT_WEAK_ROUNDS", "5" if FULL else "1"))
 SEED = int(os.environ.get("PATCHD_POWERCUT_SEED", str(random.randrange(1 << 30))))
 RECORD_EXTRA = '[install]\nmin_free = "0"\nmax_download_rate = "48KB"\n'
 APP_TXT = "".join(f"line {i:04d} of the app's main file\n" for i in range(300))
@@ -343,11 +346,13 @@ def test_every_power_cut_keeps_the_invariants(campaign: Campaign, name: str) -> 
     strict = run_cuts(rec, checker, out, sample=sample)
     rng = random.Random(SEED ^ zlib.crc32(name.encode()))  # stable across processes
     weak_cuts = sorted(rng.sample(cuts, min(WEAK_SAMPLE, len(cuts))))
-    weak = run_cuts(rec, checker, out, model="weak", seed=SEED, sample=weak_cuts)
-    c.results += [strict, weak]
+    weak = [run_cuts(rec, checker, out, model="weak", seed=SEED + k, sample=weak_cuts)
+            for k in range(WEAK_ROUNDS)]
+    c.results += [strict, *weak]
     print(f"{name}: {rec.cuts} cut points ({'all' if sample is None else len(sample)} "
-          f"checked: {strict.states} distinct strict states), weak sample {weak.cuts} "
-          f"({weak.states} states), {time.monotonic() - started:.0f} s")
-    failures = strict.failures + weak.failures
+          f"checked: {strict.states} distinct strict states), weak sample "
+          f"{sum(w.cuts for w in weak)} in {WEAK_ROUNDS} round(s) "
+          f"({sum(w.states for w in weak)} states), {time.monotonic() - started:.0f} s")
+    failures = strict.failures + [f for w in weak for f in w.failures]
     assert not failures, f"{len(failures)} crash states broke an invariant:\n\n" + \
         "\n\n".join(failures[:6])
