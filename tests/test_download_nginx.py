@@ -213,3 +213,21 @@ async def test_manifest_over_cap_refused(nginx_repo: NginxRepo) -> None:
     async with src_for(nginx_repo) as src:
         with pytest.raises(ManifestInvalid, match="larger than 4 MiB"):
             await src.fetch_manifest(None)
+
+
+async def test_corrupt_partial_on_disk_is_fetched_again_at_once(
+        nginx_repo: NginxRepo, bundle: tuple[bytes, str], tmp_path: Path) -> None:
+    """A partial whose kept bytes are not a prefix of the bundle (a power cut kept a later
+    write but lost an earlier one) fails the final hash after its resume; the same call
+    then fetches the whole bundle again, instead of failing into a backoff."""
+    data, sha = bundle
+    dest = tmp_path / "b.patchd"
+    half = SIZE // 2
+    dest.write_bytes(bytes(4096) + data[4096:half])  # a hole where a lost write was
+    async with src_for(nginx_repo) as src:
+        await src.download(src.resolve("b.patchd"), dest, size=SIZE, sha256=sha,
+                           offset=half, progress=None)
+    assert dest.read_bytes() == data
+    first, second = bundle_requests(nginx_repo)
+    assert (first.range, first.status) == (f"bytes={half}-", 206)
+    assert (second.range, second.status, second.body_bytes) == ("", 200, SIZE)

@@ -129,17 +129,22 @@ class Transport(ABC):
                 # The partial belongs to another url or expected hash: never mix streams.
                 events.info("download.partial_mismatch", url=url, offset=part.done)
                 await anyio.to_thread.run_sync(part.restart)
-            while True:
-                if await self._attempt(url, part, sha256=sha256, progress=progress,
-                                       events=events):
-                    break
-                if restarts <= 0:
-                    raise NetworkError(f"{url}: range requests keep failing; giving up this try")
-                restarts -= 1
-                await anyio.to_thread.run_sync(part.restart)
-            if part.done < size:
-                raise self._truncated(url, part.done, size)
-            await _finish(part, sha256)
+            kept_from_disk = part.done
+            await self._fetch_rest(url, part, restarts, sha256=sha256, progress=progress,
+                                   events=events)
+            try:
+                await _finish(part, sha256)
+            except BundleHashMismatch:
+                if not kept_from_disk:
+                    raise
+                # The bytes kept on disk were not what they seemed: a power cut can keep
+                # a later write without an earlier one. Suspect them, not the network:
+                # fetch the whole bundle once more, now, instead of after a backoff.
+                events.warning("download.partial_corrupt", url=url, offset=kept_from_disk)
+                part = await _open_partial(dest, 0, size)  # _finish removed the old one
+                await self._fetch_rest(url, part, 0, sha256=sha256, progress=progress,
+                                       events=events)
+                await _finish(part, sha256)
             events.info("download.complete", url=url, size=size, network=True)
         except BundleHashMismatch as exc:
             events.warning("download.failed", url=url, error=str(exc), kept=0)
@@ -152,6 +157,23 @@ class Transport(ABC):
             raise
         finally:
             await _close(part)
+
+    async def _fetch_rest(
+        self, url: str, part: PartialFile, restarts: int, *, sha256: str,
+        progress: Progress | None, events: _Events,
+    ) -> None:
+        """Stream from ``part.done`` to the end, restarting from zero at most
+        ``restarts`` times when the origin will not resume; all of it, or an error."""
+        while True:
+            if await self._attempt(url, part, sha256=sha256, progress=progress,
+                                   events=events):
+                break
+            if restarts <= 0:
+                raise NetworkError(f"{url}: range requests keep failing; giving up this try")
+            restarts -= 1
+            await anyio.to_thread.run_sync(part.restart)
+        if part.done < part.size:
+            raise self._truncated(url, part.done, part.size)
 
     async def _attempt(
         self, url: str, part: PartialFile, *, sha256: str, progress: Progress | None,
