@@ -231,7 +231,9 @@ def run_cuts(rec: Recording, checker: Checker, out: Path, *, model: str = "stric
         if key in todo:
             todo[key][1].append(cut)
             continue
-        dest = out / f"{rec.name}-{model}-{len(todo):04d}"
+        # The seed keeps rounds of the weak model apart (each round numbers from 0).
+        tag = model if seed is None else f"{model}-{seed}"
+        dest = out / f"{rec.name}-{tag}-{len(todo):04d}"
         materialise(root, dest, relocate=(str(rec.mount), str(dest)))
         todo[key] = (dest, [cut], promised)
     result.states = len({k[0] for k in todo})

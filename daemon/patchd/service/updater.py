@@ -27,7 +27,6 @@ from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
 from patchd.core.errors import BadInputError, BundleHashMismatch, ManifestRootRollback
 from patchd.core.model import Bad, BadReason, Build
-from patchd.fetch import verify_file
 from patchd.fetch.sources import Source
 from patchd.service.events import EventQueue
 from patchd.state import Action, ClientState, Lifecycle, accepted, save_client_state
@@ -218,12 +217,11 @@ class Updater:
             await source.download(url, dest, size=ref.size, sha256=ref.sha256,
                                   offset=offset, progress=job.progress)
         elif action is Action.VERIFY:
+            # The whole file is on disk: the download template hashes it without asking
+            # the origin, and fetches it afresh at once if a power cut left it corrupt.
             job.show("downloading", build, ref.size, ref.size)
-            try:
-                await verify_file(dest, ref.size, ref.sha256)
-            except BundleHashMismatch as exc:
-                log.warning("download.discarded", url=url, error=str(exc))
-                raise
+            await source.download(url, dest, size=ref.size, sha256=ref.sha256,
+                                  offset=ref.size, progress=job.progress)
         if action is not Action.COMPLETE:
             with lc.lock:
                 lc.record_download_complete(build)
