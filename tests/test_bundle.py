@@ -118,10 +118,10 @@ def test_flipped_byte_in_signature(box: Sandbox) -> None:
 
 
 def test_malformed_signature_file(box: Sandbox) -> None:
-    """A signature file that is not the specified JSON (docs/formats.md) is refused as malformed."""
+    """A signature file that is not the specified JSON (docs/formats.md) is refused as not JSON."""
     members = good_members()
     members[1] = tar_member("bundle.sig", b"not json")
-    refused(box, craft_bundle(box.root / "b", members), SignatureInvalid, "malformed")
+    refused(box, craft_bundle(box.root / "b", members), SignatureInvalid, "not JSON")
 
 
 def test_flipped_byte_in_payload(box: Sandbox) -> None:

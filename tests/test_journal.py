@@ -55,16 +55,23 @@ def test_entry_fields_priority_identifier_and_event_fields(journal_socket) -> No
     assert fields["MESSAGE"] == b"boot_crash release=1.4.0 patch=3"
 
 
-def test_multiline_and_non_ascii_values_survive(journal_socket) -> None:
-    """Values with newlines use the length-prefixed form; UTF-8 arrives intact."""
+def test_control_characters_are_escaped_and_non_ascii_survives(journal_socket) -> None:
+    """A field's newline (outside text may carry one) arrives escaped; UTF-8 intact;
+    a traceback keeps its lines (the length-prefixed form)."""
     path, sock = journal_socket
     configure_logging("journal", "info", journal_path=path)
-    structlog.get_logger().error("install.failed", detail="line one\nline two", who="Jürgen ✓")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        structlog.get_logger().exception("install.failed", detail="line one\nline two",
+                                         who="Jürgen ✓")
     fields = receive(sock)
-    assert fields["PATCHD_DETAIL"] == b"line one\nline two"
+    assert fields["PATCHD_DETAIL"] == b"line one\\x0aline two"
     assert fields["PATCHD_WHO"] == "Jürgen ✓".encode()
     assert fields["PRIORITY"] == b"3"
-    assert b"line one\nline two" in fields["MESSAGE"]
+    assert b"\n" not in fields["MESSAGE"].partition(b" exception=")[0]
+    assert fields["PATCHD_EXCEPTION"].startswith(b"Traceback") and b"\n" in fields[
+        "PATCHD_EXCEPTION"]
 
 
 def test_levels_map_to_priorities_and_filter(journal_socket) -> None:
@@ -86,10 +93,15 @@ def test_entry_larger_than_a_datagram_goes_through_memfd(journal_socket) -> None
     """An entry above the socket's datagram limit is passed as a sealed memfd."""
     path, sock = journal_socket
     configure_logging("journal", "info", journal_path=path)
+    # Field values are cut at 2 KiB; a traceback is ours and kept whole.
     big = "x" * (4 * 1024 * 1024)
-    structlog.get_logger().info("big", blob=big)
+    try:
+        raise ValueError(big)
+    except ValueError:
+        structlog.get_logger().exception("big", blob=big)
     fields = receive(sock)
-    assert fields["PATCHD_BLOB"] == big.encode()
+    assert big.encode() in fields["PATCHD_EXCEPTION"]
+    assert len(fields["PATCHD_BLOB"]) < 2100
 
 
 def test_field_names_are_sanitised() -> None:

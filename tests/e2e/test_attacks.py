@@ -339,7 +339,7 @@ def _tampered_header(x: Ctx) -> None:
 
 
 @bundle_case("bundle.sig is garbage", "arbitrary install", "SignatureInvalid",
-             "malformed signature file", "signature_invalid")
+             "signature file is not JSON", "signature_invalid")
 def _bundle_sig_garbage(x: Ctx) -> None:
     members = x.members()
     members[1] = tar_member("bundle.sig", os.urandom(200).replace(b"\0", b"x"))
@@ -431,7 +431,7 @@ def _tampered_manifest(x: Ctx) -> None:
 
 
 @manifest_case("manifest signature file is garbage", "signature garbage",
-               "ManifestSignatureInvalid", "malformed signature file")
+               "ManifestSignatureInvalid", "signature file is not JSON")
 def _manifest_sig_garbage(x: Ctx) -> None:
     x.publish(x.doc([]), sig=os.urandom(300))
 

@@ -183,6 +183,21 @@ class DaemonProcess:
                                          f"{self.notifications}\n{self.log()}")
                 self._notify_cond.wait(min(left, 0.2))
 
+    def wait_notify_where(self, predicate: Callable[[str], bool], timeout: float = 10) -> str:
+        """Wait for a notify assignment (one line of a datagram) satisfying ``predicate``."""
+        deadline = time.monotonic() + timeout
+        with self._notify_cond:
+            while True:
+                for msg in self.notifications:
+                    for line in msg.split("\n"):
+                        if predicate(line):
+                            return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no such notification within {timeout}s; got "
+                                         f"{self.notifications}\n{self.log()}")
+                self._notify_cond.wait(min(left, 0.2))
+
     def stop(self, timeout: float = 10) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0

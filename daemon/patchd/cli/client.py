@@ -25,6 +25,7 @@ from patchd.core.errors import (
     SocketAccessDenied,
     UsageError,
 )
+from patchd.core.text import printable
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink import ClientError as VarlinkClientError
 from patchd.varlink import ConnectFailed, VarlinkClient, VarlinkError
@@ -124,7 +125,7 @@ def status(args: argparse.Namespace) -> int:
     print(f"  last check:   {reply.get('last_check') or 'never'}"
           f"; next check: {reply.get('next_check') or 'unscheduled'}")
     if reply.get("last_error"):
-        print(f"  last error:   {reply['last_error']}")
+        print(f"  last error:   {printable(reply['last_error'])}")
     if reply["builds"]:
         print("  builds:")
         for info in reply["builds"]:

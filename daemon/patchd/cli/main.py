@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from patchd import __version__
 from patchd.core.errors import PatchdError, UsageError
+from patchd.core.text import printable
 
 #: command name → "module:function"; each function takes the parsed args, returns an exit code.
 HANDLERS: dict[str, str] = {
@@ -205,9 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dispatch(args)
     except PatchdError as exc:
         first, *rest = str(exc).splitlines() or [type(exc).__name__]
-        sys.stderr.write(f"patchd: {first}\n")
+        # Messages may carry outside text (a server's reason, a file name): escaped.
+        sys.stderr.write(f"patchd: {printable(first, 2048)}\n")
         for line in rest:  # a config with several problems: one line each
-            sys.stderr.write(f"patchd: {line}\n")
+            sys.stderr.write(f"patchd: {printable(line, 2048)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -218,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("PATCHD_DEBUG"):
             raise
-        sys.stderr.write(f"patchd: internal error: {type(exc).__name__}: {exc} "
+        sys.stderr.write(f"patchd: internal error: {type(exc).__name__}: {printable(exc)} "
                          "(set PATCHD_DEBUG=1 for a traceback)\n")
         return 1
 

@@ -22,6 +22,7 @@ from patchd.core.errors import (
     PatchdError,
     TransientError,
 )
+from patchd.core.text import printable
 
 __all__ = ["INTERFACE", "INTERNAL_ERROR", "SOCKET_ERRORS", "SocketError", "activity_line",
            "describe_socket_error", "size_text", "to_socket_error"]
@@ -115,7 +116,10 @@ def to_socket_error(exc: PatchdError) -> tuple[str, dict[str, Any]]:
     """The interface error (full name) and parameters that ``exc`` becomes on the socket."""
     for row in SOCKET_ERRORS:
         if isinstance(exc, row.classes):
-            return f"{INTERFACE}.{row.name}", row.parameters(exc)
+            # Reasons carry outside text (a URL, a server's words): one escaped line.
+            parameters = {k: printable(v) if isinstance(v, str) else v
+                          for k, v in row.parameters(exc).items()}
+            return f"{INTERFACE}.{row.name}", parameters
     raise AssertionError(f"no socket error for {type(exc).__name__}")  # PatchdError row
 
 
@@ -124,7 +128,8 @@ def describe_socket_error(name: str, parameters: Mapping[str, Any]) -> CommandFa
     short = name.removeprefix(f"{INTERFACE}.")
     for row in SOCKET_ERRORS:
         if row.name == short:
-            return CommandFailed(row.message(parameters), row.exit_code)
+            return CommandFailed(printable(row.message(parameters), 2048), row.exit_code)
     if parameters:
-        return CommandFailed(f"{name}: {json.dumps(dict(parameters), sort_keys=True)}")
-    return CommandFailed(name)
+        return CommandFailed(printable(
+            f"{name}: {json.dumps(dict(parameters), sort_keys=True)}", 2048))
+    return CommandFailed(printable(name))

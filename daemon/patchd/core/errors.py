@@ -57,7 +57,8 @@ The class of an error decides the policy, so the policy lives here and nowhere e
     ├── SignCommandFailed         a ``--sign-cmd`` failed or returned a bad signature
     ├── DemoFailed                a step of ``patchd demo`` did not turn out as told
     ├── StateLocked               another process owns the state directory
-    └── UsageError                the CLI was called wrongly (exit 2)
+    ├── UsageError                the CLI was called wrongly (exit 2)
+    └── UnexpectedError           an exception patchd did not foresee (a bug), logged once
 
 ``InstallCancelled`` is no PatchdError: it is the stop request (SIGTERM) reaching an
 install between two ops, and is never reported as a failure.
@@ -397,3 +398,18 @@ class UsageError(PatchdError):
     """The command line is wrong."""
 
     exit_code = 2
+
+
+class UnexpectedError(PatchdError):
+    """An exception of a class patchd did not foresee, in work that must not stop.
+
+    It is logged once, with its traceback, where it happened (a check, say); what the
+    caller sees is this, naming the original class, so the socket answer and
+    ``last_error`` say more than "internal error" and nothing logs it twice.
+    """
+
+    @classmethod
+    def wrapping(cls, exc: BaseException) -> UnexpectedError:
+        error = cls(f"internal error ({type(exc).__name__}: {exc}); see the daemon's log")
+        error.__cause__ = exc
+        return error

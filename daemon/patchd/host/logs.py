@@ -12,7 +12,9 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 
+from patchd.core.text import printable
 from patchd.host.journal import DEFAULT_SOCKET, JournalLogger, JournalRenderer, JournalWriter
 
 FORMATS = ("auto", "console", "json", "journal")
@@ -20,6 +22,30 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 _journal_writer: JournalWriter | None = None
+
+# Keys whose values are ours and multi-line on purpose (a traceback), or structlog's.
+#: Characters kept of one field's value: bounds the journal volume of one line.
+_MAX_FIELD = 2048
+_RAW_KEYS = frozenset({"exc_info", "stack_info", "exception"})
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, list | tuple | set | frozenset):
+        return ",".join(printable(v, 200) for v in value)
+    return printable(value, _MAX_FIELD)
+
+
+def plain_values(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Every field as a plain, escaped value, whatever the format.
+
+    Values often carry outside text (a URL, a server's reason, a key id); escaped here,
+    none can forge a console line or a journal assignment. A None field is left out
+    rather than shown as Python's ``None``.
+    """
+    return {k: v if k in _RAW_KEYS else _plain(v)
+            for k, v in event_dict.items() if v is not None or k in _RAW_KEYS}
 
 
 def resolve_format(fmt: str, journal_path: str = DEFAULT_SOCKET) -> str:
@@ -46,6 +72,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, stream: TextIO 
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        plain_values,
     ]
     logger_factory: Any
     if used == "journal":
@@ -58,7 +85,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", *, stream: TextIO 
         logger_factory = lambda *args: JournalLogger(writer)  # noqa: E731
     elif used == "json":
         processors = [*shared, structlog.processors.TimeStamper(fmt="iso", utc=True),
-                      structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+                      
+                      # Without frame locals: they may hold a token or a header.
+                      structlog.processors.ExceptionRenderer(
+                          structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+                      structlog.processors.JSONRenderer()]
         logger_factory = structlog.PrintLoggerFactory(out)
     else:
         processors = [*shared, structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),

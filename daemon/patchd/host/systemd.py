@@ -11,6 +11,8 @@ import time
 
 import sdnotify
 
+from patchd.core.text import printable
+
 
 class Notifier:
     """sd_notify messages through the sdnotify package."""
@@ -28,7 +30,12 @@ class Notifier:
         self._send("READY=1")
 
     def status(self, text: str) -> None:
-        """One-line summary; repeated identical lines are not re-sent."""
+        """One-line summary; repeated identical lines are not re-sent.
+
+        Escaped: systemd reads each line of a datagram as an assignment, so an
+        unescaped newline from outside text (a key id, a URL) could add its own.
+        """
+        text = printable(text, 400)
         if text != self._last_status:
             self._last_status = text
             self._send(f"STATUS={text}")

@@ -14,12 +14,20 @@ from typing import TYPE_CHECKING
 import anyio
 import structlog
 
-from patchd.core.errors import BadInputError, ConfigError, PatchdError, TransientError
+from patchd.core.errors import (
+    BadInputError,
+    ConfigError,
+    PatchdError,
+    TransientError,
+    UnexpectedError,
+)
 from patchd.core.model import utc_now_text
+from patchd.core.text import printable
 from patchd.fetch.sources import Source
 from patchd.service.activity import Activity
 from patchd.service.jobs import Job, JobRunner
 from patchd.service.schedule import backoff_delay, first_check_delay, in_seconds, jittered
+from patchd.service.supervise import take_fault
 from patchd.service.updater import Updater
 from patchd.trust import Decision
 
@@ -84,12 +92,18 @@ class Checker:
 
     async def _check(self) -> Decision:
         try:
+            take_fault("check")
             manifest = await self.updater.fetch_verified(self._source())
             forgotten = self.updater.apply_rollbacks(manifest)
             decision = self.updater.decide(manifest)
         except PatchdError as exc:
             self.record_error(exc)
             raise
+        except Exception as exc:
+            # A bug, or a parser that let a RecursionError out: still logged once with
+            # its class and recorded, and the caller gets a PatchdError naming it.
+            self.record_error(exc)
+            raise UnexpectedError.wrapping(exc) from exc
         self.last_check = utc_now_text()
         running = self.runner.job
         if running is not None and running.kind == "update" and (
@@ -127,12 +141,16 @@ class Checker:
         return run
 
     def record_error(self, exc: BaseException) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = printable(f"{type(exc).__name__}: {exc}")
         event = exc.bad_reason if isinstance(exc, BadInputError) else "check.failed"
         kind = ("transient" if isinstance(exc, TransientError) else
                 "bad_input" if isinstance(exc, BadInputError) else
                 "config" if isinstance(exc, ConfigError) else "error")
-        log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind)
+        if isinstance(exc, PatchdError):
+            log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind)
+        else:
+            log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind,
+                      exc_info=exc)
         self._on_error()
 
     async def poll_loop(self) -> None:

@@ -9,7 +9,9 @@ traceback and starts the task again after a backoff (5 s doubling, at most 5 min
 once a run has lasted a minute). Cancellation (the daemon stopping) is not a failure.
 
 ``PATCHD_TASK_FAULT=name,…`` (tests only) raises one ``RuntimeError`` in each named
-task as it first starts, so the restart path is proven on the real process.
+task as it first starts, so the restart path is proven on the real process; the name
+``check`` raises it in the first check instead (:func:`take_fault`), proving that an
+unforeseen exception in a check is logged once and recorded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import structlog
 
 from patchd.service.schedule import backoff_delay
 
-__all__ = ["MAX_RESTART_DELAY", "supervised"]
+__all__ = ["MAX_RESTART_DELAY", "supervised", "take_fault"]
 
 log = structlog.get_logger("patchd.service.supervise")
 
@@ -34,15 +36,20 @@ HEALTHY_RUN = 60.0
 _INJECTED = {name for name in os.environ.get("PATCHD_TASK_FAULT", "").split(",") if name}
 
 
+def take_fault(name: str) -> None:
+    """Raise the injected fault for ``name`` once, if ``PATCHD_TASK_FAULT`` names it."""
+    if name in _INJECTED:
+        _INJECTED.discard(name)
+        raise RuntimeError(f"fault injected into {name} (PATCHD_TASK_FAULT)")
+
+
 async def supervised(name: str, task: Callable[[], Awaitable[None]]) -> None:
     """Run ``task()`` until it returns; restart it with backoff whenever it raises."""
     failures = 0
     while True:
         started = anyio.current_time()
         try:
-            if name in _INJECTED:
-                _INJECTED.discard(name)
-                raise RuntimeError(f"fault injected into {name} (PATCHD_TASK_FAULT)")
+            take_fault(name)
             await task()
             return
         except Exception as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -110,22 +111,24 @@ class Updater:
         now = datetime.now(UTC)
         # The root moves first, and only when the manifest names a newer one: an
         # unchanged poll stays one conditional GET. A refused root changes nothing.
-        roots, claimed = self.roots, peek_root_version(data)
+        # Parsing and verifying up to 4 MiB of JSON, and the durable write of the
+        # accepted serial, run in a worker: the event loop keeps answering the socket.
+        roots, claimed = self.roots, await anyio.to_thread.run_sync(peek_root_version, data)
         await roots.advance(claimed, source.fetch_root, now)
         if claimed < roots.version:
             raise ManifestRootRollback(
                 f"manifest is signed under root version {claimed}, older than the "
                 f"accepted root version {roots.version} (a replayed or frozen repository)")
         roots.check_current(now)
-        manifest = verify_manifest(
-            data, sig, self.trust, app=self.config.app.name, channel=self.config.server.channel,
-            min_serial=self.client.manifest_serial, same_serial_sha256=self.client.manifest_sha256,
-            now=now)
+        manifest = await anyio.to_thread.run_sync(partial(
+            verify_manifest, data, sig, self.trust, app=self.config.app.name,
+            channel=self.config.server.channel, min_serial=self.client.manifest_serial,
+            same_serial_sha256=self.client.manifest_sha256, now=now))
         digest = hashlib.sha256(data).hexdigest()
         if (manifest.serial, digest, new_validators) != (
                 self.client.manifest_serial, self.client.manifest_sha256, self.client.validators):
             self.client = accepted(self.client, manifest.serial, digest, new_validators)
-            save_client_state(self.lifecycle.layout, self.client)
+            await anyio.to_thread.run_sync(save_client_state, self.lifecycle.layout, self.client)
         self._manifest = (data, sig)
         return manifest
 

@@ -240,7 +240,7 @@ class Lifecycle(LifecycleView):
             return
         self._write_pointers(replace(self._pointers, next_boot=build), "promote.pointers")
         self._sync_current()
-        log.info("lifecycle.promoted", build=str(build), previous=str(old))
+        log.info("lifecycle.promoted", build=str(build), previous=old)
         if not isinstance(self.state(old), Bad) and old not in self._protected():
             self._forget(old)
 
@@ -279,7 +279,7 @@ class Lifecycle(LifecycleView):
         booted = booting_build(self._pointers, build)
         previous = self._pointers.last_booted
         self._write_pointers(self._pointers.after_boot(booted), "boot_success")
-        log.info("lifecycle.boot_success", build=str(booted), previous=str(previous))
+        log.info("lifecycle.boot_success", build=str(booted), previous=previous)
         self._emit("boot_success", booted, "booted successfully")
         for other, state in self.builds():
             if other == booted or other in self._protected():
@@ -347,7 +347,7 @@ class Lifecycle(LifecycleView):
         if chosen != self._pointers.next_boot:
             old = self._pointers.next_boot
             self._write_pointers(replace(self._pointers, next_boot=chosen), "recompute")
-            log.info("lifecycle.next_boot_recomputed", build=str(chosen), previous=str(old))
+            log.info("lifecycle.next_boot_recomputed", build=str(chosen), previous=old)
         self._sync_current()
         return chosen
 

@@ -12,11 +12,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from patchd.core.documents import load_document
 from patchd.core.errors import BundleInvalid, UnsafePath
 from patchd.core.fsio import MAX_PATH_BYTES, check_rel_path
 from patchd.core.model import is_sha256_hex, is_valid_arch, is_valid_release
 
 FORMAT = "patchd-bundle/1"
+#: Largest ``bundle.json`` a host reads (the reader stops at it; the parser refuses it).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
 # --- model -----------------------------------------------------------------------------
@@ -224,10 +227,7 @@ def _check_through_links(ops: tuple[Op, ...]) -> None:
 
 def parse_header(data: bytes) -> BundleHeader:
     """Validate ``bundle.json`` (already signature-checked) into a header."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleInvalid(f"bundle.json is not JSON: {exc}") from None
+    doc = load_document(data, limit=MAX_HEADER_BYTES, what="bundle.json", error=BundleInvalid)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise BundleInvalid(f"bundle.json: format is not {FORMAT!r}")
     w = "bundle.json"

@@ -30,6 +30,7 @@ import zstandard
 
 from patchd.core.errors import BundleInvalid, PayloadHashMismatch
 from patchd.trust.bundle_header import (
+    MAX_HEADER_BYTES,
     BundleHeader,
     DeltaOp,
     Expected,
@@ -44,7 +45,6 @@ from patchd.trust.signing import TrustedKeys, verify_document
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 #: Caps on the two documents read before the signature is checked.
-MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_SIG_BYTES = 4 * 1024 * 1024
 #: A pax/GNU meta header larger than this is refused before tarfile buffers it.
 MAX_META_HEADER_BYTES = 1024 * 1024

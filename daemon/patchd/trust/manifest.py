@@ -9,11 +9,11 @@ app/channel, serial and expiry: nothing unsigned is ever interpreted.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from patchd.core.documents import load_document
 from patchd.core.errors import (
     KeyRevoked,
     ManifestExpired,
@@ -196,12 +196,8 @@ def _parse_expires(value: object) -> datetime:
 
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and validate a manifest document; ManifestInvalid says what is wrong where."""
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise ManifestInvalid(f"manifest is over {MAX_DOCUMENT_BYTES} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestInvalid(f"manifest is not JSON: {exc}") from None
+    doc = load_document(data, limit=MAX_DOCUMENT_BYTES, what="manifest",
+                        error=ManifestInvalid)
     top = _obj(doc, "document")
     if top.get("format") != FORMAT:
         raise _bad("format", f"expected {FORMAT!r}, got {top.get('format')!r:.40}")
@@ -234,11 +230,10 @@ def peek_root_version(data: bytes) -> int:
     roots verifies on its own, and the manifest must then verify under the root it
     named (the same bytes, so the claim is signed once the signature verifies).
     """
-    if len(data) > MAX_DOCUMENT_BYTES:
-        return 1
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        doc = load_document(data, limit=MAX_DOCUMENT_BYTES, what="manifest",
+                            error=ManifestInvalid)
+    except ManifestInvalid:
         return 1
     value = doc.get("root_version", 1) if isinstance(doc, dict) else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

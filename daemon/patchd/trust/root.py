@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from patchd.core.documents import load_document
 from patchd.core.errors import (
     RootExpired,
     RootInvalid,
@@ -129,12 +130,7 @@ def _role(doc: dict[str, Any], name: str) -> Role:
 
 def parse_root(data: bytes) -> Root:
     """Parse and validate a root document; RootInvalid says what is wrong where."""
-    if len(data) > MAX_ROOT_BYTES:
-        raise RootInvalid(f"root document is over {MAX_ROOT_BYTES} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RootInvalid(f"root document is not JSON: {exc}") from None
+    doc = load_document(data, limit=MAX_ROOT_BYTES, what="root document", error=RootInvalid)
     if not isinstance(doc, dict):
         raise _bad("document", f"must be an object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT:

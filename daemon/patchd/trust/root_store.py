@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import anyio
 import structlog
 
 from patchd.core.errors import RootInvalid, RootVersionInvalid
@@ -143,14 +144,14 @@ class RootKeeper:
         current = self.accepted
         while current.root.version < target:
             data, sig = await fetch(current.root.version + 1)
-            new = verify_next(current.root, data, sig)
+            new = await anyio.to_thread.run_sync(verify_next, current.root, data, sig)
             current = Accepted(new, (current.revoked | revoked_by(current.root, new))
                                - new.updates.key_ids, data, sig)
             log.info("trust.root_verified", version=new.version,
                      updates_keys=sorted(new.updates.key_ids),
                      revoked=sorted(current.revoked))
         current.root.check_current(now)
-        self._save(current)
+        await anyio.to_thread.run_sync(self._save, current)
         self.accepted = current
         log.info("trust.root_accepted", version=current.root.version,
                  expires=current.root.expires.isoformat() if current.root.expires else None)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 from cryptography.exceptions import InvalidSignature
@@ -27,13 +27,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from patchd.core.documents import load_document
 from patchd.core.errors import ConfigError, KeyRevoked, SignatureInvalid
+from patchd.core.text import shown_keyids
 
 log = structlog.get_logger("patchd.trust.signing")
 
 PUBLIC_PREFIX = "ed25519:"
 #: A signature file larger than this is refused without parsing (docs/formats.md).
 MAX_SIG_FILE_BYTES = 4 * 1024 * 1024
+#: A signature file with more entries than this is refused before any is verified.
+MAX_SIGNATURES = 16
 
 
 def parse_public_key(text: str) -> bytes:
@@ -100,7 +104,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read private key: {exc.strerror}") from exc
     if mode & 0o077:
-        log.warning("signing.key_mode_open", path=str(path), mode=oct(mode))
+        log.warning("signing.key_mode_open", path=str(path), mode=f"{mode:04o}")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -181,20 +185,25 @@ def sign_document(data: bytes, signers: Sequence[Signer], existing: bytes | None
             raise SignatureInvalid(f"the signature made by key {kid} does not verify") from None
         entries[kid] = base64.b64encode(sig).decode("ascii")
         done.add(kid)
+    if len(entries) > MAX_SIGNATURES:
+        raise ValueError(f"a signature file holds at most {MAX_SIGNATURES} signatures; "
+                         f"this one would hold {len(entries)}")
     doc = {"signatures": [{"keyid": k, "sig": s} for k, s in entries.items()]}
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
 def _parse_sig_file(sig_file: bytes) -> list[tuple[str, bytes]]:
-    if len(sig_file) > MAX_SIG_FILE_BYTES:
-        raise SignatureInvalid(f"signature file is over {MAX_SIG_FILE_BYTES} bytes")
-    try:
-        doc: Any = json.loads(sig_file)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SignatureInvalid(f"malformed signature file: not JSON ({exc})") from None
+    doc = load_document(sig_file, limit=MAX_SIG_FILE_BYTES, what="signature file",
+                        error=SignatureInvalid)
     sigs = doc.get("signatures") if isinstance(doc, dict) else None
     if not isinstance(sigs, list):
         raise SignatureInvalid("malformed signature file: no 'signatures' list")
+    if len(sigs) > MAX_SIGNATURES:
+        # Refused before any verification: each entry naming a trusted key would cost
+        # a verification (and, failing, a log line).
+        raise SignatureInvalid(
+            f"signature file has {len(sigs)} entries, more than the {MAX_SIGNATURES} "
+            "a host accepts")
     out: list[tuple[str, bytes]] = []
     for entry in sigs:
         if not isinstance(entry, dict):
@@ -236,9 +245,9 @@ def verify_document(data: bytes, sig_file: bytes, trust: TrustedKeys) -> list[st
             f"trusted keys verify, below the threshold of {trust.threshold}"
         )
     if not trusted_seen:
-        present = sorted({kid for kid, _ in entries}) or ["none"]
         raise SignatureInvalid(
-            f"no signature by a trusted key (key ids present: {', '.join(present)}; "
+            f"no signature by a trusted key (key ids present: "
+            f"{shown_keyids([kid for kid, _ in entries])}; "
             f"trusted: {', '.join(sorted(trust.keys))})"
         )
     raise SignatureInvalid(

@@ -107,9 +107,11 @@ async def serve_connection(service: VarlinkService, sock: socket.socket, limits:
         conn = _Connection(service, sock, peer, limits, budget)
         await conn.run()
     except _Drop as exc:
-        log.info("varlink.connection_dropped", reason=exc.reason, peer=peer)
+        log.info("varlink.connection_dropped", reason=exc.reason,
+                 peer_pid=peer.pid if peer else None, peer_uid=peer.uid if peer else None)
     except Exception:
-        log.exception("varlink.connection_failed", peer=peer)
+        log.exception("varlink.connection_failed",
+                      peer_pid=peer.pid if peer else None, peer_uid=peer.uid if peer else None)
     finally:
         if conn is not None:
             conn.release()

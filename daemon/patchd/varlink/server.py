@@ -106,7 +106,8 @@ class VarlinkServer:
         """Bind, report started once listening, and serve until cancelled."""
         gid = _group_id(self.group)
         sock, identity = await anyio.to_thread.run_sync(bind_unix_socket, self.path, self.mode, gid)
-        log.info("varlink.listening", path=str(self.path), mode=oct(self.mode), group=self.group)
+        log.info("varlink.listening", path=str(self.path), mode=f"{self.mode:04o}",
+                 group=self.group)
         try:
             async with anyio.create_task_group() as tg:
                 task_status.started()
