@@ -107,7 +107,8 @@ def test_untrusted_only() -> None:
 @pytest.mark.parametrize("sig", [b"", b"[]", b'{"signatures": 3}', b"\xff"])
 def test_malformed_signature_files(sig: bytes) -> None:
     """Signature files that are not the specified JSON object are refused as malformed."""
-    with pytest.raises(SignatureInvalid, match="malformed signature file|signature file is not JSON"):
+    with pytest.raises(SignatureInvalid,
+                       match=r"malformed signature file|signature file is not JSON"):
         verify_document(b"doc", sig, trust_of(A))
 
 
