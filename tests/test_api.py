@@ -61,6 +61,9 @@ error NotBootTarget (expected: Build, got: Build)
 error Busy (activity: Activity)
 error UpdateFailed (reason: string, transient: bool)
 error InvalidBundle (reason: string)
+error NoBootInProgress (reason: string)
+error RollbackRefused (reason: string)
+error StateConflict (reason: string)
 """
 
 
@@ -191,8 +194,9 @@ def test_introspection_of_the_real_daemon(env: Env) -> None:
     assert interfaces == info["interfaces"] == ["org.varlink.service", UPDATER]
     assert info["vendor"] == "patchd" and info["product"] == "patchd" and info["version"]
     assert description == SPECIFIED_INTERFACE
-    assert members[-5:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
-                            "InvalidBundle"]
+    assert members[-8:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
+                            "InvalidBundle", "NoBootInProgress", "RollbackRefused",
+                            "StateConflict"]
 
 
 # --- every method ----------------------------------------------------------------------
@@ -284,8 +288,8 @@ def tampered(bundle: Path) -> Path:
 
 
 def test_interface_errors(env: Env) -> None:
-    """NotBootTarget names expected/got; UpdateFailed for a missing manifest and a
-    refused rollback; InvalidBundle for a tampered, a foreign-signed and a missing file."""
+    """NotBootTarget names expected/got; UpdateFailed for a missing manifest;
+    RollbackRefused for a refused rollback; InvalidBundle for a tampered, a foreign-signed and a missing file."""
     d = env.daemon()
     (env.tmp / "foreign").mkdir()
     foreign = Publisher(env.tmp / "foreign", env.tmp / "foreign-repo")  # an untrusted key
@@ -307,7 +311,7 @@ def test_interface_errors(env: Env) -> None:
 
         up.Rollback()  # 1 → bad; next_boot is the release itself now
         refused = failure(up.Rollback)
-        assert refused["error"] == f"{UPDATER}.UpdateFailed"
+        assert refused["error"] == f"{UPDATER}.RollbackRefused"
         assert "nothing older" in refused["parameters"]["reason"]
 
         for bad_file in (tampered(env.patch(2)), foreign_bundle,

@@ -227,7 +227,7 @@ def test_boot_failure_with_reason(env: Env) -> None:
     assert [e["patch"] for e in events(d) if e["type"] == "boot_failure"] == [2]
     with pytest.raises(VarlinkError) as err:
         d.call("BootSuccess", {})  # nothing is booting any more
-    assert err.value.name == "io.patchd.Updater.UpdateFailed"
+    assert err.value.name == "io.patchd.Updater.NoBootInProgress"
 
 
 def test_client_that_never_reads_cannot_block_a_boot(env: Env) -> None:

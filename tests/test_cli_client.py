@@ -107,8 +107,13 @@ def test_install_rollback_boot_target_and_boot_commands(env: Env) -> None:
     ok(patchd(d, "install", str(env.patch(3))))
     assert ok(patchd(d, "rollback")) == "rolled back; next boot is 1.4.0+1\n"
     assert state_of(d.status(), R, 3) == "bad"
+    # Each socket error has its own line: boot and rollback errors are not "update failed".
     line = one_line_error(patchd(d, "boot", "success"), 1)
-    assert "no boot is in progress" in line
+    assert line == ("patchd: no boot in progress: no boot is in progress "
+                    "(call boot start first)")
+    ok(patchd(d, "rollback"))  # 1 → bad: next boot is the release itself
+    line = one_line_error(patchd(d, "rollback"), 1)
+    assert line.startswith("patchd: cannot roll back: next_boot is 1.4.0+0"), line
 
 
 def test_check_wait_and_watch(http_env: Env) -> None:

@@ -107,6 +107,7 @@ async def test_updater_interface_members(sockdir: Path) -> None:
         "GetStatus", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
         "CheckNow", "Install", "Rollback", "WatchActivity",
         "NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed", "InvalidBundle",
+        "NoBootInProgress", "RollbackRefused", "StateConflict",
     ]  # fmt: skip
 
 

@@ -17,9 +17,12 @@ from patchd.core.errors import (
     BadInputError,
     Busy,
     CommandFailed,
+    LifecycleError,
+    NoBootInProgress,
     NotAuthorized,
     NotBootTarget,
     PatchdError,
+    RollbackRefused,
     TransientError,
 )
 from patchd.core.text import printable
@@ -97,6 +100,18 @@ SOCKET_ERRORS: tuple[SocketError, ...] = (
         lambda e: {"expected": _build_json(e.expected), "got": _build_json(e.got)},
         lambda p: f"not the boot target: expected {_build_text(p.get('expected'))}, "
                   f"got {_build_text(p.get('got'))}"),
+    SocketError(
+        "NoBootInProgress", (NoBootInProgress,),
+        lambda e: {"reason": str(e)},
+        lambda p: f"no boot in progress: {p.get('reason')}"),
+    SocketError(
+        "RollbackRefused", (RollbackRefused,),
+        lambda e: {"reason": str(e)},
+        lambda p: f"cannot roll back: {p.get('reason')}"),
+    SocketError(
+        "StateConflict", (LifecycleError,),
+        lambda e: {"reason": str(e)},
+        lambda p: f"not possible in this state: {p.get('reason')}"),
     SocketError(
         "InvalidBundle", (BadInputError,),
         lambda e: {"reason": str(e)},

@@ -98,6 +98,10 @@ class Checker:
             decision = self.updater.decide(manifest)
         except PatchdError as exc:
             self.record_error(exc)
+            if isinstance(exc, TransientError):
+                # Whoever asked (the poll loop or an operator's CheckNow), a transient
+                # failure is retried on the backoff schedule, not at the next poll.
+                self._retry_in(self._backoff(exc))
             raise
         except Exception as exc:
             # A bug, or a parser that let a RecursionError out: still logged once with
@@ -105,6 +109,7 @@ class Checker:
             self.record_error(exc)
             raise UnexpectedError.wrapping(exc) from exc
         self.last_check = utc_now_text()
+        self.last_error = None  # the latest outcome is what status shows
         running = self.runner.job
         if running is not None and running.kind == "update" and (
                 running.build in forgotten or decision.build != running.build):
@@ -167,16 +172,12 @@ class Checker:
                     await job.done.wait()
                     error = job.error
             except Exception as exc:
-                error = exc
-                if isinstance(exc, TransientError):
-                    self._backoff(exc)
+                error = exc  # a transient one was counted and scheduled by the check
             interval = self._config().server.poll_interval
             if isinstance(error, TransientError):
-                # Counted where it happened (the check above, or the update task).
-                delay = backoff_delay(self.failures, interval)
-                retry_after = getattr(error, "retry_after", None)
-                if retry_after:
-                    delay = max(delay, min(retry_after, interval))
+                # Counted and scheduled where it happened (the check, or the update
+                # task): the retry it asked for wakes the sleep below.
+                delay = interval
             else:
                 self.failures = 0
                 delay = jittered(interval, self._config().server.poll_jitter)

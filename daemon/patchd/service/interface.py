@@ -36,4 +36,7 @@ error NotBootTarget (expected: Build, got: Build)
 error Busy (activity: Activity)
 error UpdateFailed (reason: string, transient: bool)
 error InvalidBundle (reason: string)
+error NoBootInProgress (reason: string)
+error RollbackRefused (reason: string)
+error StateConflict (reason: string)
 """
