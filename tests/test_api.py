@@ -289,7 +289,8 @@ def tampered(bundle: Path) -> Path:
 
 def test_interface_errors(env: Env) -> None:
     """NotBootTarget names expected/got; UpdateFailed for a missing manifest;
-    RollbackRefused for a refused rollback; InvalidBundle for a tampered, a foreign-signed and a missing file."""
+    RollbackRefused for a refused rollback; InvalidBundle for a tampered, a
+    foreign-signed and a missing file."""
     d = env.daemon()
     (env.tmp / "foreign").mkdir()
     foreign = Publisher(env.tmp / "foreign", env.tmp / "foreign-repo")  # an untrusted key

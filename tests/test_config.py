@@ -142,9 +142,55 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     assert isinstance(info.value, ConfigFileError)
 
 
+def _with_release(tmp_path: Path, text: str, version: str | None = "1.4.0\n") -> str:
+    """``text`` with its release_dir in ``tmp_path`` (holding ``version`` as VERSION)."""
+    release = tmp_path / "opt-kiosk"
+    release.mkdir(exist_ok=True)
+    if version is not None:
+        (release / "VERSION").write_text(version)
+    return text.replace('release_dir = "/opt/kiosk"', f'release_dir = "{release}"')
+
+
 def test_config_check_prints_effective_config_that_loads_again(tmp_path: Path) -> None:
     """The printed effective config is itself a valid config with the same values."""
-    proc = run_patchd("config", "check", str(write(tmp_path, MINIMAL)))
+    proc = run_patchd("config", "check", str(write(tmp_path, _with_release(tmp_path, MINIMAL))))
     assert proc.returncode == 0, proc.stderr
     again = write(tmp_path, proc.stdout.split("\n", 1)[1])
-    assert load_config(again).paths == load_config(write(tmp_path, MINIMAL)).paths
+    assert load_config(again).paths == load_config(
+        write(tmp_path, _with_release(tmp_path, MINIMAL))).paths
+
+
+@pytest.mark.parametrize(("name", "version", "expect"), [
+    ("missing release_dir", None, "opt-kiosk is not a directory"),
+    ("no VERSION", "", "cannot read the release version"),
+    ("bad VERSION", "not a release!\n", "is not a valid release name"),
+])
+def test_config_check_refuses_what_run_refuses(tmp_path: Path, name: str,
+                                               version: str | None, expect: str) -> None:
+    """`config check` runs the start-up checks of `run`: both refuse, with the same line."""
+    text = _with_release(tmp_path, MINIMAL, version or None)
+    release = tmp_path / "opt-kiosk"
+    if name == "missing release_dir":
+        release.rmdir()
+    elif name == "no VERSION":
+        (release / "VERSION").unlink(missing_ok=True)
+    path = write(tmp_path, text + f'[paths]\nstate_dir = "{tmp_path}/s"\n'
+                 f'cache_dir = "{tmp_path}/c"\nsocket = "{tmp_path}/k.sock"\n')
+    check = run_patchd("config", "check", str(path))
+    run = run_patchd("run", "--config", str(path))
+    assert (check.returncode, run.returncode) == (2, 2), (check, run)
+    assert expect in check.stderr and "app.release_dir" in check.stderr, check.stderr
+    assert check.stderr.strip().splitlines()[0] in run.stderr, run.stderr
+    assert not (tmp_path / "s").exists()  # run refused before touching its state
+
+
+def test_config_check_warns_as_run_does_about_users_and_group(tmp_path: Path) -> None:
+    """Unknown users and an unknown socket group are warnings for both: exit 0."""
+    text = _with_release(tmp_path, MINIMAL) + (
+        '[api]\nsocket_group = "no-such-group-x"\nadmins = ["no-such-user-x"]\n')
+    proc = run_patchd("config", "check", str(write(tmp_path, text)))
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.strip().splitlines()
+    assert any("api.socket_group: group 'no-such-group-x' does not exist" in w
+               for w in warnings), warnings
+    assert any("api.admins: 'no-such-user-x' is not a user" in w for w in warnings), warnings

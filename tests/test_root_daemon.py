@@ -137,6 +137,7 @@ def test_config_check_validates_transport_keys(tmp_path: Path) -> None:
     headers.chmod(0o644)
     cert = tmp_path / "cert.pem"
     cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "VERSION").write_text("1.4.0\n")  # `config check` checks the release too
     config = tmp_path / "kiosk.toml"
     config.write_text(f"""
 [app]

@@ -174,8 +174,14 @@ def command_name(args: argparse.Namespace) -> str:
 
 def config_check(args: argparse.Namespace) -> int:
     from patchd.config import dump_config, load_config
+    from patchd.config.preflight import preflight, raise_errors
 
     config = load_config(args.path)
+    found = preflight(config)  # exactly what `patchd run` checks at start
+    raise_errors(config, found)
+    for finding in found:
+        sys.stderr.write(f"patchd: warning: {config.source}: {finding.key}: "
+                         f"{printable(finding.message, 2048)}\n")
     sys.stdout.write(dump_config(config))
     return 0
 

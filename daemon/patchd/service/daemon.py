@@ -22,6 +22,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from patchd.config import Config, load_config
+from patchd.config.preflight import preflight, raise_errors
 from patchd.core.errors import (
     BundleInvalid,
     ConfigError,
@@ -335,6 +336,10 @@ def run_command(args: argparse.Namespace) -> int:
         config_path = Path(f"/etc/patchd/{app}.toml")
     config = load_config(config_path)
     configure_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    found = preflight(config)  # the same checks as `patchd config check`
+    raise_errors(config, found)
+    for finding in found:
+        log.warning("config.host_problem", key=finding.key, problem=finding.message)
     soft, hard = raise_fd_limit()
     log.debug("daemon.fd_limit", soft=soft, hard=hard)
 
