@@ -194,3 +194,39 @@ def test_config_check_warns_as_run_does_about_users_and_group(tmp_path: Path) ->
     assert any("api.socket_group: group 'no-such-group-x' does not exist" in w
                for w in warnings), warnings
     assert any("api.admins: 'no-such-user-x' is not a user" in w for w in warnings), warnings
+
+    assert load_config(again).paths == load_config(write(tmp_path, MINIMAL)).paths
+
+
+def test_slow_retrieval_limits_default_and_follow_the_timeout(tmp_path: Path) -> None:
+    """document_deadline defaults to four times the timeout, min_rate to 1 KiB/s; both
+    can be set, and min_rate "0" turns the floor off."""
+    config = load_config(write(tmp_path, MINIMAL))
+    assert (config.server.document_deadline, config.server.min_rate) == (120.0, 1024)
+    text = MINIMAL.replace("[trust]", 'timeout = "5s"\n[trust]')
+    assert load_config(write(tmp_path, text)).server.document_deadline == 20.0
+    text = MINIMAL.replace("[trust]", 'document_deadline = "10m"\nmin_rate = "0"\n[trust]')
+    server = load_config(write(tmp_path, text)).server
+    assert (server.document_deadline, server.min_rate) == (600.0, 0)
+
+
+SLOW_RETRIEVAL_BAD = [
+    ('timeout = "1m"\ndocument_deadline = "30s"', "server.document_deadline",
+     "shorter than server.timeout (60s)"),
+    ('document_deadline = "0"', "server.document_deadline", "must be longer than 0"),
+    ('document_deadline = "soon"', "server.document_deadline", "expected a duration"),
+    ('min_rate = "fast"', "server.min_rate", "expected a size"),
+    ("min_rate = -1", "server.min_rate", "cannot be negative"),
+]
+
+
+@pytest.mark.parametrize(("keys", "key", "message"), SLOW_RETRIEVAL_BAD,
+                         ids=[c[0] for c in SLOW_RETRIEVAL_BAD])
+def test_slow_retrieval_limits_refused_with_one_line(
+        tmp_path: Path, keys: str, key: str, message: str) -> None:
+    """A bad document_deadline or min_rate is one `config check` line naming the key."""
+    path = write(tmp_path, MINIMAL.replace("[trust]", keys + "\n[trust]"))
+    proc = run_patchd("config", "check", str(path))
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0] and message in lines[0], lines

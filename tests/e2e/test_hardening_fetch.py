@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from patchd.varlink import VarlinkError
 from support.badserver import Conn, Request
 from support.daemon import state_of
 from support.hostile import RELEASE, HostileRepo, hostile_world, start_daemon, wait_event
@@ -130,3 +133,97 @@ def test_hostile_event_collector_and_failing_tasks_never_stop_the_daemon(
     pings = d.wait_notify("WATCHDOG=1", timeout=5, after=len(d.notifications))
     assert pings >= 0
     assert d.stop() == 0  # the restarted signal handler still stops the daemon cleanly
+
+
+#: The issue's trickle, kept clear of scheduling jitter: 8,200 bytes every 1.5 s is above
+#: the stall threshold (16 KiB per 4 s at ``timeout = "2s"``) and under the 2 s read
+#: timeout, so neither rule of before ever ends it.
+TRICKLE_BYTES, TRICKLE_EVERY = 8200, 1.5
+
+
+def _trickle_above_stall(conn: Conn, data: bytes) -> None:
+    """Send ``data`` in TRICKLE_BYTES pieces every TRICKLE_EVERY seconds until the client
+    leaves or the server stops."""
+    for pos in range(0, len(data), TRICKLE_BYTES):
+        if conn.stop.wait(TRICKLE_EVERY) or not conn.send(data[pos : pos + TRICKLE_BYTES]):
+            return
+
+
+def test_a_manifest_trickled_above_the_stall_threshold_ends_at_its_deadline(
+        tmp_path: Path, repo: HostileRepo) -> None:
+    """A manifest trickled just fast enough for the stall rule is cut off at the document
+    deadline with a transient error naming the URL and the time; the next check works."""
+    repo.publish([])
+
+    def trickle(req: Request, conn: Conn) -> None:
+        conn.head(200, {"Content-Length": str(1 << 20)})
+        _trickle_above_stall(conn, b" " * (1 << 20))
+
+    repo.routes["/manifest.json"] = trickle
+    d = start_daemon(tmp_path, repo, '[server]\ndocument_deadline = "6s"\n')
+    started = time.monotonic()
+    with pytest.raises(VarlinkError) as info:
+        d.call("CheckNow", timeout=20)
+    elapsed = time.monotonic() - started
+    assert 6 <= elapsed < 6 + 4, f"CheckNow answered after {elapsed:.1f}s"
+    assert info.value.parameters["transient"] is True, info.value
+    failed = wait_event(d, "check.failed")
+    assert (failed["error_class"], failed["kind"]) == ("DownloadStalled", "transient")
+    assert failed["error"].startswith(repo.url("/manifest.json") + ": not complete after 6.")
+    assert "document deadline 6s" in failed["error"]
+    assert "document deadline" in d.status()["last_error"]
+
+    del repo.routes["/manifest.json"]  # the server behaves again
+    good = repo.bundle(2)
+    repo.files["/b/2.patchd"] = good
+    repo.publish([(2, [repo.ref("/b/2.patchd", good)])])
+    assert d.call("CheckNow")["build"] == _build(2)
+    status = d.wait_status(lambda s: s["next_boot"] == _build(2), "patch 2 installed")
+    assert status["last_error"] is None
+
+
+def test_a_bundle_trickled_below_min_rate_fails_in_bounded_time_and_resumes(
+        tmp_path: Path, repo: HostileRepo) -> None:
+    """A bundle trickled above the stall threshold but below server.min_rate ends in a
+    transient error within a window, keeps its bytes, and resumes from a good server."""
+    good = repo.bundle(2, text=os.urandom(200_000).hex())
+    url = repo.url("/b/2.patchd")
+    ranges: list[str | None] = []
+
+    def bundle(req: Request, conn: Conn) -> None:
+        ranges.append(req.header("range"))
+        if len(ranges) == 1:  # the first answer trickles; the mirror heals after it
+            conn.head(200, {"Content-Length": str(len(good))})
+            _trickle_above_stall(conn, good)
+            return
+        offset = int(req.header("range")[6:-1]) if req.header("range") else 0
+        if offset:
+            conn.respond(206, good[offset:], {
+                "Content-Range": f"bytes {offset}-{len(good) - 1}/{len(good)}"})
+        else:
+            conn.respond(200, good)
+
+    repo.routes["/b/2.patchd"] = bundle
+    repo.publish([(2, [repo.ref("/b/2.patchd", good)])])
+    assert len(good) > 20 * TRICKLE_BYTES  # the trickle alone would take 30 s and more
+    d = start_daemon(tmp_path, repo, '[server]\nmin_rate = "8KiB"\n')
+    started = time.monotonic()
+    assert d.call("CheckNow")["build"] == _build(2)
+    failed = wait_event(d, "download.failed", timeout=15,
+                        where=lambda e: "server.min_rate" in e["error"])
+    elapsed = time.monotonic() - started
+    assert elapsed < 4 + 0.5 + 4, f"download.failed after {elapsed:.1f}s"  # window, step
+    assert failed["url"] == url and failed["error"].startswith(url + ": ")
+    assert "bytes/s over the last 4." in failed["error"]
+    assert "below the minimum rate of 8192 bytes/s" in failed["error"]
+    kept = failed["kept"]
+    assert kept >= 2 * TRICKLE_BYTES
+    check = wait_event(d, "check.failed", where=lambda e: e["error_class"] == "DownloadStalled")
+    assert check["kind"] == "transient"
+    status = d.status()
+    assert state_of(status, RELEASE, 2) == "downloading"
+    assert "server.min_rate" in status["last_error"]
+
+    status = d.wait_status(lambda s: s["next_boot"] == _build(2), "patch 2 installed on retry")
+    assert ranges[1] == f"bytes={kept}-", ranges  # resumed from the kept bytes
+    assert status["last_error"] is None

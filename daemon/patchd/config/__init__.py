@@ -89,6 +89,10 @@ class ServerSection:
     poll_jitter: float
     timeout: float
     events_url: str
+    #: Most seconds a manifest, signature or root may take, request to last byte.
+    document_deadline: float = 120.0
+    #: Bytes/s a bundle must average over the stall window (2 × timeout); 0 = no rule.
+    min_rate: int = 1024
     ca_file: str = ""
     client_cert: str = ""
     client_key: str = ""
@@ -171,7 +175,8 @@ class Config:
 _SECTIONS: dict[str, set[str]] = {
     "app": {"name", "release_dir", "arch"},
     "server": {"manifest_url", "channel", "poll_interval", "poll_jitter", "timeout", "events_url",
-               "ca_file", "client_cert", "client_key", "headers_file", "proxy"},
+               "document_deadline", "min_rate", "ca_file", "client_cert", "client_key",
+               "headers_file", "proxy"},
     "trust": {"keys", "threshold", "verify", "root_file"},
     "paths": {"state_dir", "cache_dir", "socket"},
     "api": {"socket_group", "admins"},
@@ -350,6 +355,21 @@ def _transport(r: _Reader) -> dict[str, Any]:
     return out
 
 
+def _slow_retrieval(r: _Reader, timeout: float) -> dict[str, Any]:
+    """The slow-retrieval limits of ``[server]``: a document's total deadline (default
+    four times ``timeout``, never below it) and the bundles' minimum rate."""
+    deadline = r.get("server", "document_deadline", _positive_duration, None)
+    if deadline is None:
+        deadline = 4 * timeout
+    elif deadline < timeout:
+        r.problems.append(("server.document_deadline",
+                           f"is {deadline:g}s, shorter than server.timeout ({timeout:g}s); "
+                           "a document could not arrive even from a server that answers "
+                           "in time"))
+    return {"document_deadline": deadline,
+            "min_rate": r.get("server", "min_rate", _size, 1024)}
+
+
 def _trust(r: _Reader) -> TrustSection:
     """``[trust]``: ``keys`` (version 1 of the root of trust) or a pinned ``root_file``."""
     root_file = r.get("trust", "root_file", readable_file, "")
@@ -395,14 +415,16 @@ def config_from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         release_dir=r.get("app", "release_dir", _abs_path, Path("/"), required=True),
         arch=platform.machine() if arch == "auto" else arch,
     )
+    timeout = r.get("server", "timeout", _positive_duration, 30.0)
     server = ServerSection(
         manifest_url=r.get("server", "manifest_url", _url(("http", "https", "file"), True, False),
                            "", required=True),
         channel=r.get("server", "channel", _name, "stable"),
         poll_interval=r.get("server", "poll_interval", _positive_duration, 3600.0),
         poll_jitter=r.get("server", "poll_jitter", _fraction, 0.1),
-        timeout=r.get("server", "timeout", _positive_duration, 30.0),
+        timeout=timeout,
         events_url=r.get("server", "events_url", _url(("http", "https"), False, True), ""),
+        **_slow_retrieval(r, timeout),
         **_transport(r),
     )
     trust = _trust(r)

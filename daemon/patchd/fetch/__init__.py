@@ -22,7 +22,10 @@ The rules, each kept in one place:
   more is aborted at once (:class:`DownloadOversize`, a :class:`BundleHashMismatch`,
   because bytes beyond the signed size cannot hash to the signed value).
 - One stall rule (fewer than ``stall_min_bytes`` in ``stall_window`` seconds) covers the
-  request, the response head and the body, for bundles and documents alike.
+  request, the response head and the body, for bundles and documents alike. A server
+  trickling just above it is still cut off: a document must arrive whole within
+  ``document_deadline``, a bundle must average ``min_rate`` over a sliding
+  ``stall_window`` (both :class:`DownloadStalled`, transient; a bundle keeps its bytes).
 - Bodies are bytes on the wire (``Accept-Encoding: identity``, never decoded): the hash
   against the signed manifest decides.
 - A file that fails its hash or size is deleted with its meta before the error is

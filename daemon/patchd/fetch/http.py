@@ -1,9 +1,9 @@
 """HTTP(S): requests, status and header checks, and httpx's errors in patchd's classes.
 
 Two reads go over HTTP: a document (manifest, signature: :func:`get_document`, capped
-at :data:`patchd.trust.manifest.MAX_DOCUMENT_BYTES`, one stall rule from the request
-on) and a bundle's byte stream (:class:`HttpTransport`, the transport of the download
-template in :mod:`patchd.fetch.transfer`).
+at :data:`patchd.trust.manifest.MAX_DOCUMENT_BYTES`, one stall rule and one total
+deadline from the request on) and a bundle's byte stream (:class:`HttpTransport`, the
+transport of the download template in :mod:`patchd.fetch.transfer`).
 
 - ``Accept-Encoding: identity`` is sent, and the body is taken as *bytes on the wire*
   (``aiter_raw``), never decoded: a store that labels a stored ``.patchd`` with
@@ -149,8 +149,9 @@ async def get_document(
     client: httpx.AsyncClient, url: str, headers: dict[str, str], policy: DownloadPolicy,
 ) -> tuple[bytes, dict[str, str]] | None:
     """The body of ``url`` and its validators, or None on a 304 to a conditional GET."""
-    # The download stall rule holds from the request on: a manifest trickled just
-    # under httpx's per-read timeout would otherwise hold every check for hours.
+    # The download stall rule holds from the request on, and the whole read must end
+    # within the document deadline: a manifest trickled just under httpx's per-read
+    # timeout, or just above the stall threshold, would otherwise hold a check for hours.
     stall = StallDeadline(policy)
     result: tuple[bytes, dict[str, str]] | None = None
     with http_errors(url), stall.scope:

@@ -1,12 +1,15 @@
-"""The limits every transfer keeps: the knobs, the rate limit, and the stall rule.
+"""The limits every transfer keeps: the knobs, the rate limit, the stall rule, the minimum
+rate and the document deadline.
 
-A bundle download enforces them in :mod:`patchd.fetch.pump` (the stall watchdog beside
-the writer); a read with no writer behind it (a manifest, its signature) uses
-:class:`StallDeadline`, the same rule as a moving cancel-scope deadline.
+A bundle download enforces them in :mod:`patchd.fetch.pump` (the stall and minimum-rate
+watchdogs beside the writer); a read with no writer behind it (a manifest, its
+signature, a root) uses :class:`StallDeadline`: the stall rule as a moving cancel-scope
+deadline that never moves past the document's total deadline.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -24,6 +27,13 @@ class DownloadPolicy:
     holding the network back) raises :class:`DownloadStalled`. ``queue_chunks`` bounds
     the chunks between the network and the writer thread; ``max_batch`` bounds what
     one thread hop writes.
+
+    ``min_rate``: a bundle whose average rate over the last ``stall_window`` seconds
+    (a sliding window, judged once the first window has passed) is below this many
+    bytes per second, while nothing on our side held it back, raises
+    :class:`DownloadStalled`; 0 turns the rule off. ``document_deadline``: the most
+    seconds a document (manifest, signature, root) may take from the request to its
+    last byte; 0 means none.
     """
 
     stall_window: float = 60.0
@@ -34,6 +44,8 @@ class DownloadPolicy:
     queue_chunks: int = 6
     max_batch: int = 6
     max_rate: int = 0
+    min_rate: int = 0
+    document_deadline: float = 0.0
 
 
 class RateLimiter:
@@ -63,27 +75,40 @@ class RateLimiter:
 
 
 class StallDeadline:
-    """The stall rule for a read with no writer behind it (manifests, signatures): a
-    cancel scope whose deadline moves one window ahead each time ``stall_min_bytes``
-    more have arrived, so the request, the head and the body share one rule."""
+    """The stall rule and the total deadline for a read with no writer behind it
+    (manifests, signatures, roots): a cancel scope whose deadline moves one window
+    ahead each time ``stall_min_bytes`` more have arrived, but never past
+    ``document_deadline`` after the start, so the request, the head and the body share
+    one rule and a server trickling just above the stall threshold is still cut off."""
 
     def __init__(self, policy: DownloadPolicy) -> None:
         self.window = policy.stall_window
         self.need = policy.stall_min_bytes
-        self.scope = anyio.CancelScope(deadline=anyio.current_time() + self.window)
+        self.total = policy.document_deadline
+        self.start = anyio.current_time()
+        self.hard = self.start + self.total if self.total > 0 else math.inf
+        self.scope = anyio.CancelScope(deadline=min(self.start + self.window, self.hard))
         self._pending = 0
+        self._received = 0
 
     def __repr__(self) -> str:
-        return f"StallDeadline(window={self.window}, need={self.need})"
+        return f"StallDeadline(window={self.window}, need={self.need}, total={self.total})"
 
     def received(self, n: int) -> None:
+        self._received += n
         self._pending += n
         if self._pending >= self.need:
             self._pending = 0
-            self.scope.deadline = anyio.current_time() + self.window
+            self.scope.deadline = min(anyio.current_time() + self.window, self.hard)
 
     def check(self, url: str) -> None:
         """Raise :class:`DownloadStalled` if the scope ran out (call after leaving it)."""
-        if self.scope.cancelled_caught:
-            raise DownloadStalled(f"{url}: fewer than {self.need} bytes in "
-                                  f"{self.window:g}s (stall threshold); stopped reading")
+        if not self.scope.cancelled_caught:
+            return
+        if self.scope.deadline >= self.hard:
+            elapsed = anyio.current_time() - self.start
+            raise DownloadStalled(f"{url}: not complete after {elapsed:.1f}s "
+                                  f"({self._received} bytes received; document deadline "
+                                  f"{self.total:g}s); stopped reading")
+        raise DownloadStalled(f"{url}: fewer than {self.need} bytes in "
+                              f"{self.window:g}s (stall threshold); stopped reading")

@@ -108,18 +108,22 @@ class Source:
 
 
 def open_source(
-    manifest_url: str, *, timeout: float, max_rate: int = 0, max_redirects: int = 5,
+    manifest_url: str, *, timeout: float, max_rate: int = 0, min_rate: int = 0,
+    document_deadline: float = 0.0, max_redirects: int = 5,
     policy: DownloadPolicy | None = None, client: httpx.AsyncClient | None = None,
 ) -> Source:
     """The source for ``manifest_url``: HTTP(S), or local for ``file://`` and paths.
 
-    ``timeout`` is the connect and between-bytes timeout; the stall window defaults to
-    twice it. ``policy`` overrides the download knobs (tests use small stall values).
-    ``client``: a shared HTTP client (not closed by the source).
+    ``timeout`` is the connect and between-bytes timeout; the stall window (also the
+    window of ``min_rate``) defaults to twice it. ``document_deadline``: the most a
+    manifest, signature or root may take in all (0: none). ``policy`` overrides the
+    download knobs (tests use small stall values). ``client``: a shared HTTP client
+    (not closed by the source).
     """
     scheme = urlsplit(manifest_url).scheme.lower()
     if policy is None:
-        policy = DownloadPolicy(stall_window=max(2 * timeout, 1.0), max_rate=max_rate)
+        policy = DownloadPolicy(stall_window=max(2 * timeout, 1.0), max_rate=max_rate,
+                                min_rate=min_rate, document_deadline=document_deadline)
     if scheme in ("http", "https"):
         return HttpSource(manifest_url, timeout=timeout, max_redirects=max_redirects,
                           policy=policy, client=client)

@@ -3,9 +3,9 @@
 :meth:`Transport.download` owns everything that makes a download safe to resume and
 safe to trust: opening the partial at the resume offset (hashing the prefix), the
 meta naming the prefix's origin, restarting from zero when the origin cannot continue
-at the offset, the size cap, the stall rule, the rate limit and the bounded queue to
-the writer thread (:mod:`patchd.fetch.pump`), the final size and SHA-256 check, and what
-is discarded on which failure:
+at the offset, the size cap, the stall rule, the minimum rate, the rate limit and the
+bounded queue to the writer thread (:mod:`patchd.fetch.pump`), the final size and
+SHA-256 check, and what is discarded on which failure:
 
 - a wrong hash or too many bytes (:class:`BundleHashMismatch`, :class:`DownloadOversize`):
   the file and its meta are deleted; it must never be resumed from;
@@ -200,7 +200,7 @@ class Transport(ABC):
             if progress is not None and not self.quiet:
                 progress(part.done, part.size)
             await stream_into(part, stream.chunks, policy=self.policy, limiter=self.limiter,
-                              progress=progress)
+                              progress=progress, url=url)
         return True
 
 

@@ -89,7 +89,9 @@ class Daemon:
         client = (self.http.get(TransportSettings.from_config(config.server))
                   if url.startswith(("http://", "https://")) else None)
         return open_source(url, timeout=config.server.timeout,
-                           max_rate=config.install.max_download_rate, client=client)
+                           max_rate=config.install.max_download_rate,
+                           min_rate=config.server.min_rate,
+                           document_deadline=config.server.document_deadline, client=client)
 
     def wake_events(self) -> None:
         """Something queued events (or may have): let the sender look."""
@@ -291,10 +293,10 @@ class Daemon:
         for name in ("paths", "api"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("config.restart_needed", section=name)
-        if (old.server.manifest_url, old.install.max_download_rate,
-                TransportSettings.from_config(old.server)) != (
-                new.server.manifest_url, new.install.max_download_rate,
-                TransportSettings.from_config(new.server)):
+        if (old.server.manifest_url, old.install.max_download_rate, old.server.min_rate,
+                old.server.document_deadline, TransportSettings.from_config(old.server)) != (
+                new.server.manifest_url, new.install.max_download_rate, new.server.min_rate,
+                new.server.document_deadline, TransportSettings.from_config(new.server)):
             await self.runner.cancel(only="update")
             old_source, self.source = self.source, self._open_source(new)
             self.updater.forget_manifest()
