@@ -4,7 +4,9 @@ Everything about a boot lives here: answering the boot target (fast, from memory
 the hot path of every host start), recording BootStart/Success/Failure through the
 lifecycle, watching the booting process's pid so a crash before BootSuccess is seen
 at once, and the boot timeout, which keeps counting across a daemon restart. Boots are
-not jobs of the runner: a host report must never wait behind a download.
+not jobs of the runner: a host report must never wait behind a download. Nor does the
+event loop ever wait here for the lifecycle lock: worker threads take it (or it is
+tried without blocking), and strict verification hashes without it (``strict.py``).
 """
 
 from __future__ import annotations

@@ -90,10 +90,12 @@ class StrictVerifier:
         """The verdict on ``build``: joins the verification in flight, or starts one."""
         run = self._runs.get(build)
         if run is None:
-            run = self._runs[build] = _Run()
+            run = _Run()
             if self._tg is not None:
-                self._tg.start_soon(self._run, build, run)
+                self._tg.start_soon(self._run, build, run)  # raises once the group closed
+                self._runs[build] = run
             else:  # no owner: run it here, where no waiter's cancellation can cut it
+                self._runs[build] = run
                 with anyio.CancelScope(shield=True):
                     await self._run(build, run)
         await run.done.wait()
