@@ -195,8 +195,6 @@ def test_config_check_warns_as_run_does_about_users_and_group(tmp_path: Path) ->
                for w in warnings), warnings
     assert any("api.admins: 'no-such-user-x' is not a user" in w for w in warnings), warnings
 
-    assert load_config(again).paths == load_config(write(tmp_path, MINIMAL)).paths
-
 
 def test_slow_retrieval_limits_default_and_follow_the_timeout(tmp_path: Path) -> None:
     """document_deadline defaults to four times the timeout, min_rate to 1 KiB/s; both

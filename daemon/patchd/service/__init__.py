@@ -3,7 +3,8 @@
 ``daemon`` wires the parts and owns every task; ``jobs`` is the one owner of every job
 that changes state (updates, installs, rollbacks) and the source of the activity
 board; ``checks`` polls and answers CheckNow; ``updater`` carries out one update
-(decide, fetch, install, promote, report); ``boot`` keeps the boot protocol; ``api``
+(decide, fetch, install, promote, report); ``boot`` keeps the boot protocol and
+``strict`` its strict verification (shared, kept until a tree changes); ``api``
 maps the varlink interface onto a narrow protocol of the daemon; ``events`` queues and
 sends fleet events; ``schedule`` holds the pure timing rules.
 """

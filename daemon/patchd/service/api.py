@@ -70,8 +70,8 @@ class BootOperations(Protocol):
 
     async def target(self) -> tuple[Build, Path]: ...
     async def start(self, build: Build | None, pid: int | None) -> tuple[Build, Path]: ...
-    def success(self, build: Build | None) -> Build: ...
-    def failure(self, build: Build | None, reason: str | None) -> Build: ...
+    async def success(self, build: Build | None) -> Build: ...
+    async def failure(self, build: Build | None, reason: str | None) -> Build: ...
 
 
 class Operations(Protocol):
@@ -201,7 +201,7 @@ class UpdaterApi:
 
     @_answers_errors
     async def BootSuccess(self, call: Call) -> dict[str, Any]:
-        self.ops.boot.success(build_param(call))
+        await self.ops.boot.success(build_param(call))
         return {}
 
     @_answers_errors
@@ -210,7 +210,7 @@ class UpdaterApi:
         reason = call.parameters.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise InvalidParameter("reason")
-        self.ops.boot.failure(build, reason)
+        await self.ops.boot.failure(build, reason)
         return {}
 
     @_answers_errors
