@@ -52,7 +52,7 @@ method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()
 method BootFailure(build: ?Build, reason: ?string) -> ()
 method CheckNow() -> (strategy: string, build: ?Build)
-method Install(path: string) -> (build: Build)
+method Install(path: ?string, fd: ?int) -> (build: Build)
 method Rollback() -> (build: Build)
 method WatchActivity() -> (activity: Activity)
 

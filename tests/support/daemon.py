@@ -91,6 +91,8 @@ class DaemonProcess:
         self.config_path = work / "etc" / f"{app}.toml"
         self.log_path = work / "daemon.log"
         self.extra_env = env or {}
+        #: A command the daemon runs under (e.g. ``unshare`` for its own mounts).
+        self.wrapper: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.notifications: list[str] = []
         self._notify_cond = threading.Condition()
@@ -149,7 +151,8 @@ class DaemonProcess:
         env.update(self.extra_env)
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "patchd", "run", "--config", str(self.config_path)],
+            [*self.wrapper, sys.executable, "-m", "patchd", "run", "--config",
+             str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         if wait_ready:

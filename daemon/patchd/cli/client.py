@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,10 +65,10 @@ def _client_error(exc: VarlinkClientError) -> ClientError:
 
 
 def call(path: Path, method: str, params: dict[str, Any] | None = None,
-         timeout: float | None = 600) -> dict[str, Any]:
+         timeout: float | None = 600, fds: tuple[int, ...] = ()) -> dict[str, Any]:
     try:
         with VarlinkClient(path, timeout=timeout) as client:
-            return client.call(f"{INTERFACE_NAME}.{method}", params or {})
+            return client.call(f"{INTERFACE_NAME}.{method}", params or {}, fds=fds)
     except VarlinkError as exc:
         raise describe_socket_error(exc.name, exc.parameters) from None
     except VarlinkClientError as exc:
@@ -173,10 +174,18 @@ def install(args: argparse.Namespace) -> int:
     if len(args.args) > 2:
         raise UsageError("install takes [APP] BUNDLE")
     app, bundle = (None, args.args[0]) if len(args.args) == 1 else args.args
-    bundle_path = Path(bundle).resolve()
-    if not bundle_path.is_file():
-        raise UsageError(f"no such bundle file: {bundle}")
-    reply = call(socket_path(app, args.socket), "Install", {"path": str(bundle_path)})
+    # Opened here, as the caller, and passed as a descriptor: the daemon's private /tmp
+    # and its user's permissions do not matter, only what the caller may read.
+    try:
+        fd = os.open(bundle, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"cannot open bundle file {bundle}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{bundle} is not a regular file")
+        reply = call(socket_path(app, args.socket), "Install", {"fd": 0}, fds=(fd,))
+    finally:
+        os.close(fd)
     print(f"installed {_build(reply['build'])}; it boots at the next start")
     return 0
 

@@ -37,6 +37,7 @@ from patchd.core.errors import (
 from patchd.core.model import Build
 from patchd.host import process
 from patchd.service.activity import ActivityBoard
+from patchd.service.incoming import receive_bundle
 from patchd.service.interface import INTERFACE_NAME, INTERFACE_TEXT
 from patchd.trust import Decision
 from patchd.varlink import (
@@ -221,7 +222,19 @@ class UpdaterApi:
 
     @_answers_errors
     async def Install(self, call: Call) -> dict[str, Any]:
-        path = call.parameters.get("path")
+        index, path = call.parameters.get("fd"), call.parameters.get("path")
+        if index is not None:
+            if isinstance(index, bool) or not isinstance(index, int) or \
+                    not 0 <= index < len(call.fds) or path is not None:
+                raise InvalidParameter("fd")
+            cfg = self.ops.config
+            received = await anyio.to_thread.run_sync(
+                receive_bundle, call.fds[index], cfg.paths.cache_dir, cfg.install.min_free)
+            try:
+                build = await self.ops.install(received)
+            finally:
+                await anyio.to_thread.run_sync(functools.partial(received.unlink, missing_ok=True))
+            return {"build": build.to_json()}
         if not isinstance(path, str) or not path.startswith("/"):
             raise InvalidParameter("path")
         build = await self.ops.install(Path(path))

@@ -8,8 +8,9 @@ sent garbage), and ``VarlinkError`` with its name and parameters for an error re
 
 from __future__ import annotations
 
+import array
 import socket
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -111,10 +112,14 @@ class VarlinkClient:
             self._sock = None
 
     def call(
-        self, method: str, parameters: Mapping[str, Any] | None = None, *, oneway: bool = False
+        self, method: str, parameters: Mapping[str, Any] | None = None, *, oneway: bool = False,
+        fds: Sequence[int] = (),
     ) -> dict[str, Any]:
-        """Call ``method`` (fully qualified) and return its reply parameters."""
-        self._send(_call_message(method, parameters, oneway=oneway))
+        """Call ``method`` (fully qualified) and return its reply parameters.
+
+        ``fds`` travel with the call (SCM_RIGHTS); a parameter names one by its index.
+        """
+        self._send(_call_message(method, parameters, oneway=oneway), fds)
         if oneway:
             return {}
         parameters_out, _ = _unpack(self._receive(self.timeout))
@@ -144,9 +149,14 @@ class VarlinkClient:
             if not finished:
                 self.close()
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, fds: Sequence[int] = ()) -> None:
         sock = self._open()
         try:
+            if fds:
+                # The descriptors ride on the first bytes; the rest follows as usual.
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = sock.sendmsg([data], rights)
+                data = data[sent:]
             sock.sendall(data)
         except OSError as exc:
             self.close()

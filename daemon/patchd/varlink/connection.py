@@ -12,10 +12,14 @@ connection's boundary (``serve_connection``). The caps on concurrent connections
 
 from __future__ import annotations
 
+import array
+import contextlib
+import dataclasses
 import inspect
+import os
 import select
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias, cast
@@ -41,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 MAX_MESSAGE: Final = 1 << 20
 _READ_SIZE: Final = 64 * 1024
+#: File descriptors one call may carry (SCM_RIGHTS); a client that sends more, or
+#: whose descriptors the kernel had to truncate, is dropped and all of them closed.
+MAX_FDS: Final = 4
+_ANCILLARY: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 _Stream: TypeAlias = AsyncGenerator[Reply | Last, None]
 
@@ -144,12 +152,28 @@ class _Connection:
         self._buffer = bytearray()
         self._scanned = 0
         self._eof = False
+        #: Descriptors of the message just taken from the buffer, for its call.
+        self._message_fds: tuple[int, ...] = ()
+        #: Descriptors received and not yet given to a call: (buffer offset, fds).
+        self._fds: list[tuple[int, list[int]]] = []
         #: When the first byte of the message being received must be followed by its NUL.
         self._deadline: float | None = None
 
     def release(self) -> None:
-        """Give this connection's share of the buffer budget back."""
+        """Give this connection's share of the buffer budget back; close pending fds."""
         self._charge(0)
+        for _, fds in self._fds:
+            _close_all(fds)
+        self._fds.clear()
+
+    def _take_fds(self, end: int) -> tuple[int, ...]:
+        """The descriptors that arrived with the message ending at ``end``."""
+        mine = [fd for pos, fds in self._fds if pos <= end for fd in fds]
+        self._fds = [(pos - end - 1, fds) for pos, fds in self._fds if pos > end]
+        if len(mine) > MAX_FDS:
+            _close_all(mine)
+            raise _Drop("too_many_fds")
+        return tuple(mine)
 
     def _charge(self, size: int) -> None:
         """Count ``size`` buffered bytes against the shared budget (drop if over it)."""
@@ -193,6 +217,7 @@ class _Connection:
                 if end > self.limits.max_message:
                     await self._too_large()
                 raw = bytes(self._buffer[:end])
+                self._message_fds = self._take_fds(end)
                 del self._buffer[: end + 1]
                 self._scanned = 0
                 self._deadline = None
@@ -223,7 +248,13 @@ class _Connection:
         """Read more bytes into the buffer; False at EOF."""
         if self._eof:
             return False
-        data = await _receive(self.sock)
+        data, fds, truncated = await _receive(self.sock)
+        if fds:
+            self._fds.append((len(self._buffer), fds))
+            if sum(len(f) for _, f in self._fds) > MAX_FDS:
+                raise _Drop("too_many_fds")
+        if truncated:
+            raise _Drop("fds_truncated")
         if not data:
             self._eof = True
             return False
@@ -236,8 +267,17 @@ class _Connection:
         raise _Drop("message_too_large")
 
     async def _handle(self, raw: bytes) -> None:
+        fds, self._message_fds = self._message_fds, ()
+        try:
+            await self._handle_call(raw, fds)
+        finally:
+            _close_all(fds)
+
+    async def _handle_call(self, raw: bytes, fds: tuple[int, ...]) -> None:
         try:
             call = parse_call(decode_message(raw), self.peer)
+            if fds:
+                call = dataclasses.replace(call, fds=fds)
         except BadCall as exc:
             if not exc.call.oneway:
                 await self._send(exc.to_message())
@@ -358,15 +398,31 @@ def _peer_closed(sock: socket.socket) -> bool:
     return any(event & select.POLLHUP for _, event in poller.poll(0))
 
 
-async def _receive(sock: socket.socket) -> bytes:
-    """Up to 64 KiB from ``sock``; b"" at EOF or when the peer reset the connection."""
+async def _receive(sock: socket.socket) -> tuple[bytes, list[int], bool]:
+    """Up to 64 KiB from ``sock`` with the descriptors passed alongside, and whether
+    the kernel truncated them; b"" at EOF or when the peer reset the connection."""
     while True:
         try:
-            return sock.recv(_READ_SIZE)
+            data, ancdata, flags, _ = sock.recvmsg(_READ_SIZE, _ANCILLARY,
+                                                   socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             await anyio.wait_readable(sock)
+            continue
         except OSError:
-            return b""
+            return b"", [], False
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                fds.extend(got)
+        return data, fds, bool(flags & socket.MSG_CTRUNC)
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _send_now(sock: socket.socket, data: bytes) -> int:

@@ -78,6 +78,10 @@ class Call:
     more: bool
     oneway: bool
     peer: PeerCred
+    #: File descriptors the client passed with this call (SCM_RIGHTS), in order; a
+    #: parameter names one by its index. Owned by the connection: closed once the call
+    #: is answered, so a handler that keeps one must ``os.dup`` it.
+    fds: tuple[int, ...] = ()
 
     @property
     def interface(self) -> str:
