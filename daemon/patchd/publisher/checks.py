@@ -22,30 +22,30 @@ from patchd.core.model import is_valid_arch, is_valid_name, is_valid_release
 MAX_VERSION_BYTES = 4096
 
 _NAME_RULE = ("lowercase letters, digits, '.', '_' or '-', starting with a letter or digit, "
-              "at most 64")
+              "at most 64 characters")
 
 
 def check_name(value: str, flag: str, what: str) -> str:
     """``--app`` / ``--channel``: the rule of ``[app] name`` and ``[server] channel``."""
     if not is_valid_name(value):
-        raise UsageError(f"{flag} {value!r} is not a valid {what} name: use {_NAME_RULE} "
+        raise UsageError(f"{flag} {value[:80]!r} is not a valid {what} name: use {_NAME_RULE} "
                          "(hosts' configs refuse anything else)")
     return value
 
 
 def check_release(value: str, flag: str = "--release") -> str:
     if not is_valid_release(value):
-        raise UsageError(f"{flag} {value!r} is not a valid release name: letters, digits, "
+        raise UsageError(f"{flag} {value[:80]!r} is not a valid release name: letters, digits, "
                          "'.', '_', '+', '~' or '-', starting with a letter or digit, at "
-                         "most 128")
+                         "most 128 characters")
     return value
 
 
 def check_arch(value: str, flag: str = "--arch") -> str:
     if not is_valid_arch(value):
-        raise UsageError(f"{flag} {value!r} is not a valid arch: letters, digits, '.', '_' "
-                         "or '-', starting with a letter or digit, at most 64 (e.g. x86_64, "
-                         "aarch64, any)")
+        raise UsageError(f"{flag} {value[:80]!r} is not a valid arch: letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit, at most 64 characters (e.g. "
+                         "x86_64, aarch64, any)")
     return value
 
 
