@@ -266,7 +266,7 @@ def test_command_line_overrides_the_defaults_file(w: Path) -> None:
      "the private key {repo}/k.pem is inside the repository {repo}, which is served to "
      "hosts; move it out of that directory"),
     ('app = "Kiosk"\n', ["--channel", "stable", "--key", "K"],
-     "--app 'Kiosk' is not a valid app name"),
+     "{file}: app 'Kiosk' is not a valid app name"),
     ('app = "kiosk"\nchanel = "stable"\n', [],
      "{file}: unknown key chanel (known: app, channel, key, sign_cmd, expires, rollout)"),
     ("rollout = 101\n", [], "{file}: rollout must be a whole number from 0 to 100"),

@@ -65,14 +65,17 @@ def _publish_settings(args: argparse.Namespace) -> tuple[str, str, list[Key], ti
     ``REPO/patchd-publish.toml``; a missing value names both ways to give it."""
     file = load_defaults(args.repo)
 
-    def required(value: str | None, flag: str, key: str, metavar: str) -> str:
-        if value is None:
+    def required(given: str | None, default: str | None, flag: str, key: str,
+                 metavar: str) -> str:
+        if given is not None:
+            return checks.check_name(given, flag, key)
+        if default is None:
             raise UsageError(f"no {key} given: pass {flag} {metavar} or set {key} in "
                              f"{file.path}")
-        return value
+        return checks.check_name(default, f"{file.path}: {key}", key)
 
-    app = required(args.app or file.app, "--app", "app", "APP")
-    channel = required(args.channel or file.channel, "--channel", "channel", "CHANNEL")
+    app = required(args.app, file.app, "--app", "app", "APP")
+    channel = required(args.channel, file.channel, "--channel", "channel", "CHANNEL")
     keys = signers(args)
     if not keys:
         keys = [*file.keys, *(CommandSigner(cmd) for cmd in file.sign_cmds)]
