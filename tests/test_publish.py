@@ -21,8 +21,12 @@ NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, Path]:
-    write_tree(tmp_path / "base", {"app": ("file", b"v1", 0o755)})
-    write_tree(tmp_path / "target", {"app": ("file", b"v2", 0o755), "new": ("file", b"n", 0o644)})
+    write_tree(tmp_path / "base", {"app": ("file", b"v1", 0o755),
+                                   "VERSION": ("file", b"1.0\n", 0o644)})
+    write_tree(tmp_path / "target", {"app": ("file", b"v2", 0o755), "new": ("file", b"n", 0o644),
+                                     "VERSION": ("file", b"1.0\n", 0o644)})
+    write_tree(tmp_path / "target-2.0", {"app": ("file", b"v3", 0o755),
+                                         "VERSION": ("file", b"2.0\n", 0o644)})
     key = tmp_path / "key.pem"
     (tmp_path / "pub").write_text(keygen(key))
     return {"root": tmp_path, "key": key, "repo": tmp_path / "repo"}
@@ -31,8 +35,9 @@ def env(tmp_path: Path) -> dict[str, Path]:
 def bundle(env: dict[str, Path], patch: int | None, arch: str = "x86_64",
            release: str = "1.0") -> Path:
     out = env["root"] / f"{release}-{patch}-{arch}.patchd"
+    target = env["root"] / ("target" if release == "1.0" else f"target-{release}")
     pack_command(app="kiosk", release=release, patch=patch, full=patch is None,
-                 base=env["root"] / "base" if patch else None, target=env["root"] / "target",
+                 base=env["root"] / "base" if patch else None, target=target,
                  keys=[env["key"]], arch=arch, out=out)
     return out
 

@@ -135,18 +135,21 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
-def watch(args: argparse.Namespace) -> int:
+def watch(args: argparse.Namespace, *, show_idle: bool = True) -> int:
+    """Follow the activity until idle; ``check --wait`` leaves out the final ``idle``."""
     path = socket_path(args.app, args.socket)
     tty = sys.stdout.isatty()
     last = ""
     for activity in watch_stream(path):
+        if not show_idle and activity.get("phase") == "idle":
+            break
         line = _bar(activity)
         if line != last:
             print(("\r\033[K" if tty else "") + line, end="" if tty else "\n", flush=True)
             last = line
         if activity.get("phase") == "idle":
             break
-    if tty:
+    if tty and last:
         print()
     return 0
 
@@ -161,7 +164,7 @@ def check(args: argparse.Namespace) -> int:
     print(f"{strategy} update to {_build(build)}")
     if not args.wait:
         return 0
-    watch(argparse.Namespace(app=args.app, socket=path))
+    watch(argparse.Namespace(app=args.app, socket=path), show_idle=False)
     final = call(path, "GetStatus")
     if final["next_boot"] == build:
         print(f"installed {_build(build)}; it boots at the next start")

@@ -74,14 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon (systemd's ExecStart)")
     p.add_argument("--config", type=Path, default=None,
                    help="config file (default /etc/patchd/$PATCHD_APP.toml)")
-    p.add_argument("--log-format", choices=["auto", "journal", "json", "console"])
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "journal", "json", "console"],
+                   help="override [log] format")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="override [log] level")
 
     p = sub.add_parser("config", help="work with config files")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     config_sub.required = True
     q = config_sub.add_parser("check", help="validate a config and print the effective one")
-    q.add_argument("path", type=Path)
+    q.add_argument("path", type=Path, help="the config file")
 
     p = sub.add_parser("status", help="show the daemon's status")
     _add_app(p)
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until the update finished")
 
     p = sub.add_parser("install", help="install a local bundle file")
-    p.add_argument("args", nargs="+", metavar="[APP] BUNDLE")
+    p.add_argument("args", nargs="+", metavar="[APP] BUNDLE",
+                   help="the app instance (optional) and the bundle file")
     p.add_argument("--socket", type=Path, help="talk to this socket instead")
 
     p = sub.add_parser("rollback", help="mark next_boot bad and fall back")
@@ -117,46 +120,59 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--build", help="the build, as RELEASE+PATCH (default: the expected one)")
 
     p = sub.add_parser("keygen", help="new Ed25519 signing key; prints the public key")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE",
+                   help="the private key file to write (never overwritten)")
 
     p = sub.add_parser("pack", help="make a signed bundle from two trees")
-    p.add_argument("--app", required=True)
-    p.add_argument("--release", required=True)
+    p.add_argument("--app", required=True, help="the app, as in the hosts' [app] name")
+    p.add_argument("--release", required=True,
+                   help="the release patched, or installed by --full (its VERSION)")
     kind = p.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--patch", type=int)
-    kind.add_argument("--full", action="store_true")
-    p.add_argument("--base", type=Path, help="the release's tree (patch bundles)")
-    p.add_argument("--target", type=Path, required=True, help="the tree to produce")
+    kind.add_argument("--patch", type=int, metavar="N", help="a patch bundle for patch N >= 1")
+    kind.add_argument("--full", action="store_true", help="a full bundle (no --base)")
+    p.add_argument("--base", type=Path, metavar="DIR",
+                   help="the release's tree as hosts have it (patch bundles)")
+    p.add_argument("--target", type=Path, required=True, metavar="DIR",
+                   help="the tree to produce")
     _add_signers(p)
-    p.add_argument("--arch", default="any")
+    p.add_argument("--arch", default="any", help="the hosts' arch (default any: every host)")
     p.add_argument("--no-delta", action="store_true", help="never use delta ops")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="BUNDLE")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="BUNDLE",
+                   help="the bundle file to write")
 
     p = sub.add_parser("publish", help="add bundles to a repository and re-sign its manifest")
-    p.add_argument("--repo", type=Path, required=True)
-    p.add_argument("--app", required=True)
-    p.add_argument("--channel", required=True)
-    _add_signers(p)
-    p.add_argument("--rollout", type=int, help="percentage of hosts (0-100)")
-    p.add_argument("--expires", default="30d", help="validity of the manifest (default 30d)")
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR",
+                   help="the channel directory (defaults in DIR/patchd-publish.toml)")
+    p.add_argument("--app", help="the app (must match the manifest)")
+    p.add_argument("--channel", help="the channel (must match the manifest)")
+    _add_signers(p, required=False)
+    p.add_argument("--rollout", type=int, metavar="PERCENT",
+                   help="percentage of hosts (0-100) for the patches published now")
+    p.add_argument("--expires", metavar="DURATION",
+                   help="validity of the manifest (default 30d)")
     p.add_argument("--roll-back", metavar="RELEASE:PATCH", help="mark a patch rolled back")
-    p.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE")
+    p.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE",
+                   help="bundles to add (none: renew the manifest)")
 
     p = sub.add_parser("root", help="the repository's root of trust: create and sign versions")
     root_sub = p.add_subparsers(dest="root_command", metavar="ACTION", parser_class=_Parser)
     root_sub.required = True
     q = root_sub.add_parser("create", help="write the next root version (1 if none)")
-    q.add_argument("--repo", type=Path, required=True)
+    q.add_argument("--repo", type=Path, required=True, metavar="DIR",
+                   help="the channel directory (root in DIR/root/)")
     q.add_argument("--root-key", action="append", metavar="PUBKEY",
                    help="ed25519:... key that signs roots (default: the previous root's)")
-    q.add_argument("--root-threshold", type=int, metavar="N")
+    q.add_argument("--root-threshold", type=int, metavar="N",
+                   help="root keys needed to sign the next root")
     q.add_argument("--updates-key", action="append", metavar="PUBKEY",
                    help="ed25519:... key that signs manifests and bundles")
-    q.add_argument("--updates-threshold", type=int, metavar="N")
+    q.add_argument("--updates-threshold", type=int, metavar="N",
+                   help="updates keys needed to sign a manifest or bundle")
     q.add_argument("--expires", default="365d", help="validity of the root (default 365d)")
     _add_signers(q, required=False)
     q = root_sub.add_parser("sign", help="add signatures to a root version")
-    q.add_argument("--repo", type=Path, required=True)
+    q.add_argument("--repo", type=Path, required=True, metavar="DIR",
+                   help="the channel directory (root in DIR/root/)")
     q.add_argument("--version", type=int, help="the root version (default: the newest)")
     _add_signers(q, required=False)
 

@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 
 from patchd.config.files import ca_file, read_headers_file, readable_file
 from patchd.core.errors import ConfigErrors, ConfigFileError, RootRejected
+from patchd.core.model import is_valid_name
 from patchd.trust.root import parse_root
 from patchd.trust.root_store import Bootstrap
 from patchd.trust.signing import parse_public_key
 
 T = TypeVar("T")
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -254,7 +254,7 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
 
 def _name(value: Any) -> str:
     text = _string(value)
-    if not _NAME_RE.match(text):
+    if not is_valid_name(text):
         raise ValueError(
             f"expected a lowercase name of letters, digits, '.', '_' or '-', got {text!r}"
         )

@@ -15,6 +15,7 @@ from typing import Any
 _RELEASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}$")
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _ARCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def is_valid_release(text: object) -> bool:
@@ -25,6 +26,14 @@ def is_valid_release(text: object) -> bool:
 def is_valid_arch(text: object) -> bool:
     """An architecture names a bundle in the manifest and in its header: a short token."""
     return isinstance(text, str) and bool(_ARCH_RE.match(text))
+
+
+def is_valid_name(text: object) -> bool:
+    """An app or channel name (``[app] name``, ``[server] channel``): a short lowercase token.
+
+    The config, the publisher and the socket path (``/run/patchd/APP.sock``) share it.
+    """
+    return isinstance(text, str) and bool(_NAME_RE.match(text))
 
 
 def is_sha256_hex(text: object) -> bool:

@@ -4,7 +4,9 @@
 maintains the signed manifest and the bundles of a static repository, ``commands`` is
 the argparse glue of ``patchd keygen|pack|publish|root``, ``roots`` creates and signs
 versions of the root of trust, ``signer`` signs through a command (``--sign-cmd``) so
-keys can stay in an HSM or offline. Only these write what hosts trust.
+keys can stay in an HSM or offline. ``checks`` refuses up front what hosts would refuse
+later (names, ``VERSION`` files, keys inside the served directory), ``defaults`` reads
+``REPO/patchd-publish.toml``. Only these write what hosts trust.
 """
 
 from patchd.publisher.pack import pack

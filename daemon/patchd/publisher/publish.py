@@ -20,6 +20,7 @@ CLI arguments expected (docs/cli.md):
                                               → pack_command(...)
   publish --repo DIR --app A --channel C --key KEYFILE... [--rollout P]
           [--expires 30d] BUNDLE...           → publish(...)
+          (--app, --channel, --key, --expires: defaults in DIR/patchd-publish.toml)
   publish ... --roll-back RELEASE:PATCH       → roll_back(...)
   (every --key KEYFILE may also be --sign-cmd CMD; root create|sign: publisher/roots.py)
 """
@@ -36,12 +37,12 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from patchd.core.errors import BundleInvalid, SignatureInvalid, UsageError
+from patchd.core.errors import ManifestInvalid, SignatureInvalid, UsageError
 from patchd.core.fsio import atomic_file, atomic_write_bytes
 from patchd.core.model import is_valid_release
-from patchd.publisher import roots
+from patchd.publisher import checks, roots
 from patchd.publisher.pack import pack
-from patchd.trust import BundleHeader, read_header_unverified
+from patchd.trust import BundleHeader, BundleReader
 from patchd.trust.manifest import (
     BundleRef,
     FullEntry,
@@ -51,6 +52,7 @@ from patchd.trust.manifest import (
     manifest_to_json,
     parse_manifest,
 )
+from patchd.trust.root import Root
 from patchd.trust.signing import (
     Signer,
     generate_key,
@@ -81,9 +83,14 @@ def keygen(out: Path) -> str:
 def pack_command(*, app: str, release: str, patch: int | None, full: bool, base: Path | None,
                  target: Path, keys: Sequence[Key], arch: str = "any", out: Path,
                  delta: bool = True) -> BundleHeader:
-    """``patchd pack``: check the argument combination, then write the bundle."""
-    if not is_valid_release(release):
-        raise UsageError(f"--release {release!r} is not a valid release name")
+    """``patchd pack``: check the arguments as a host would check the bundle, then write it.
+
+    Names follow the host's rules; the base is the release itself and the target a
+    tree of the same release, so both ``VERSION`` files must name ``--release``.
+    """
+    checks.check_name(app, "--app", "app")
+    checks.check_release(release)
+    checks.check_arch(arch)
     if full == (patch is not None):
         raise UsageError("give exactly one of --patch N or --full")
     if full and base is not None:
@@ -93,6 +100,7 @@ def pack_command(*, app: str, release: str, patch: int | None, full: bool, base:
     for tree in (base, target):
         if tree is not None and not Path(tree).is_dir():
             raise UsageError(f"{tree} is not a directory")
+    checks.check_tree_versions(release, base, Path(target))
     return pack(app=app, release=release, patch=0 if full else int(patch or 0),
                 kind="full" if full else "patch", arch=arch, base=base, target=Path(target),
                 private_keys=load_signers(keys), out=Path(out), delta=delta)
@@ -125,8 +133,8 @@ def _with_bundle(refs: tuple[BundleRef, ...], ref: BundleRef) -> tuple[BundleRef
     return tuple(sorted([r for r in refs if r.arch != ref.arch] + [ref], key=lambda r: r.arch))
 
 
-def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int | None
-         ) -> Manifest:
+def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int | None,
+         new_rollout: int) -> Manifest:
     if header.kind == "full":
         full = manifest.full
         bundles = full.bundles if full is not None and full.release == header.release else ()
@@ -136,7 +144,7 @@ def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int 
     old = entry.patch(header.patch)
     new = PatchEntry(
         header.patch,
-        rollout if rollout is not None else (old.rollout if old else 100),
+        rollout if rollout is not None else (old.rollout if old else new_rollout),
         _with_bundle(old.bundles if old else (), ref),
     )
     patches = tuple(sorted([p for p in entry.patches if p.patch != header.patch] + [new],
@@ -147,19 +155,30 @@ def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int 
     return replace(manifest, releases=releases)
 
 
-def _write(repo: Path, manifest: Manifest, keys: list[Signer]) -> Manifest:
-    """Sign and write the manifest under the repository's newest complete root.
-
-    With a root in the repository, the manifest names its version and the signatures
-    must meet that root's updates threshold: a publish with a revoked or unknown key
-    fails here instead of on every host.
-    """
+def _publishing_root(repo: Path) -> Root | None:
+    """The newest complete root in ``repo``: what hosts will trust after this publish."""
     root = roots.newest_complete(repo)
     if roots.versions(repo) and root is None:
         raise UsageError(f"{repo / roots.ROOT_DIR}: root version 1 is not signed by its "
                          "own root keys; run 'patchd root sign'")
+    return root
+
+
+def _write(repo: Path, manifest: Manifest, keys: list[Signer], root: Root | None
+           ) -> Manifest:
+    """Sign and write the manifest under the repository's newest complete root.
+
+    With a root in the repository, the manifest names its version and the signatures
+    must meet that root's updates threshold: a publish with a revoked or unknown key
+    fails here instead of on every host. The document is parsed back by the host's
+    parser first (types, names, size limit).
+    """
     manifest = replace(manifest, root_version=root.version if root else 1)
     data = (json.dumps(manifest_to_json(manifest), indent=2) + "\n").encode()
+    try:
+        parse_manifest(data)
+    except ManifestInvalid as exc:
+        raise UsageError(f"hosts would refuse this manifest: {exc}") from None
     sig = sign_document(data, keys)
     if root is not None:
         try:
@@ -174,40 +193,77 @@ def _write(repo: Path, manifest: Manifest, keys: list[Signer]) -> Manifest:
     return manifest
 
 
+def _read_bundle(path: Path, app: str, root: Root | None) -> BundleHeader:
+    """The header of a bundle to publish, refused where every host would refuse it: for
+    another app, or (with a root of trust) not signed for the root's updates role."""
+    trust = root.updates.trusted() if root is not None else None
+    try:
+        with BundleReader(path, trust, None) as reader:
+            header = reader.header
+    except SignatureInvalid as exc:
+        assert root is not None
+        raise UsageError(f"{path}: hosts would refuse this bundle: its header is not signed "
+                         f"for root version {root.version}'s updates role ({exc}); "
+                         "re-pack it with the current updates key") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    if header.app != app:
+        raise UsageError(f"{path} is a bundle for app {header.app!r}; this repository is "
+                         f"for app {app!r}")
+    return header
+
+
 def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Sequence[Path],
-            rollout: int | None, expires: timedelta, *, now: datetime | None = None
-            ) -> Manifest:
-    """Add bundles to the channel directory ``repo``, bump the serial and re-sign."""
-    if rollout is not None and not 0 <= rollout <= 100:
-        raise UsageError(f"--rollout must be 0..100, got {rollout}")
-    if not bundles and not (Path(repo) / MANIFEST).exists():
-        raise UsageError(f"{Path(repo) / MANIFEST} does not exist: name a bundle to publish")
+            rollout: int | None, expires: timedelta, *, now: datetime | None = None,
+            new_rollout: int = 100) -> Manifest:
+    """Add bundles to the channel directory ``repo``, bump the serial and re-sign.
+
+    ``rollout`` applies to every patch published now; without it a patch already in
+    the manifest keeps its percentage and a new one gets ``new_rollout``.
+    """
+    checks.check_name(app, "--app", "app")
+    checks.check_name(channel, "--channel", "channel")
+    for value, flag in ((rollout, "--rollout"), (new_rollout, "rollout")):
+        if value is not None and not 0 <= value <= 100:
+            raise UsageError(f"{flag} must be 0..100, got {value}")
+    repo = Path(repo)
+    if not bundles and not (repo / MANIFEST).exists():
+        raise UsageError(f"{repo / MANIFEST} does not exist: name a bundle to publish")
+    checks.check_keys_outside(repo, keys)
     # No bundles: re-sign the manifest with a new serial and expiry (a renewal before
     # the current one expires), changing nothing else.
     private = load_signers(keys)
     now = now or datetime.now(UTC)
-    repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
     manifest = _load_manifest(repo, app, channel, now)
-    for path in bundles:
-        header = read_header_unverified(Path(path))
-        if header.app != app:
-            raise BundleInvalid(f"{path} is a bundle for app {header.app!r}, not {app!r}")
+    root = _publishing_root(repo)
+    headers = [(Path(path), _read_bundle(Path(path), app, root)) for path in bundles]
+    seen: dict[tuple[str, int, str], Path] = {}
+    for path, header in headers:
+        first = seen.setdefault((header.release, header.patch, header.arch), path)
+        if first != path:
+            raise UsageError(f"{first} and {path} are both {header.release}+{header.patch} "
+                             f"for arch {header.arch}; publish one of them")
+    repo.mkdir(parents=True, exist_ok=True)
+    for path, header in headers:
         stem = "full" if header.kind == "full" else str(header.patch)
         url = f"{header.release}/{stem}-{header.arch}.patchd"
-        size, sha = _copy_bundle(Path(path), repo / url)
-        manifest = _add(manifest, header, BundleRef(header.arch, url, size, sha), rollout)
+        size, sha = _copy_bundle(path, repo / url)
+        manifest = _add(manifest, header, BundleRef(header.arch, url, size, sha), rollout,
+                        new_rollout)
         log.info("publish.bundle_added", bundle=str(path), url=url)
     manifest = replace(manifest, serial=manifest.serial + 1, expires=now + expires)
-    return _write(repo, manifest, private)
+    return _write(repo, manifest, private, root)
 
 
 def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: str,
               patch: int, expires: timedelta, *, now: datetime | None = None) -> Manifest:
     """Mark ``release`` patch ``patch`` rolled back, bump the serial and re-sign."""
+    checks.check_name(app, "--app", "app")
+    checks.check_name(channel, "--channel", "channel")
+    repo = Path(repo)
+    checks.check_keys_outside(repo, keys)
     private = load_signers(keys)
     now = now or datetime.now(UTC)
-    repo = Path(repo)
     if not (repo / MANIFEST).exists():
         raise UsageError(f"{repo / MANIFEST} does not exist; nothing to roll back")
     manifest = _load_manifest(repo, app, channel, now)
@@ -218,7 +274,7 @@ def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: 
     releases[release] = replace(entry, rolled_back=entry.rolled_back | {patch})
     manifest = replace(manifest, releases=releases, serial=manifest.serial + 1,
                        expires=now + expires)
-    return _write(repo, manifest, private)
+    return _write(repo, manifest, private, _publishing_root(repo))
 
 
 def parse_roll_back(text: str) -> tuple[str, int]:
