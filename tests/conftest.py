@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 
@@ -9,3 +11,22 @@ import pytest
 def anyio_backend() -> str:
     """patchd runs on asyncio only (anyio on top); tests pin it."""
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_journal() -> Iterator[None]:
+    """No daemon logs at error level in a normal flow (operators alert on
+    ``journalctl -p err``): any error-level line a daemon wrote during the test fails
+    it, unless the test listed its event in that daemon's ``expected_errors``."""
+    from support.daemon import DaemonProcess
+
+    marks = {id(d): d.log_size() for d in DaemonProcess.instances}
+    yield
+    problems = []
+    for d in DaemonProcess.instances:
+        for line in d.unexpected_errors(since=marks.get(id(d), 0)):
+            problems.append(f"{d.work}: {line}")
+    DaemonProcess.instances[:] = [d for d in DaemonProcess.instances if not d.closed]
+    if problems:
+        pytest.fail("unexpected error-level log lines:\n" + "\n".join(problems[:20]),
+                    pytrace=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import grp
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from patchd.publisher.pack import pack
 from patchd.publisher.publish import publish, roll_back
@@ -78,8 +79,17 @@ class Publisher:
 class DaemonProcess:
     """One ``patchd run`` child; config in ``work/etc``, socket in a short /tmp dir."""
 
+    #: Every daemon made and not yet closed: tests/conftest.py's clean-journal check
+    #: reads what each logged during a test.
+    instances: ClassVar[list[DaemonProcess]] = []
+
     def __init__(self, work: Path, *, manifest_url: str, keys: list[str], release_dir: Path,
                  extra: str = "", app: str = APP, env: dict[str, str] | None = None) -> None:
+        DaemonProcess.instances.append(self)
+        #: Events a test provokes on purpose at error level (a tombstoned bundle, a
+        #: refused manifest); any other error-level line fails the test.
+        self.expected_errors: set[str] = set()
+        self.closed = False
         self.work = work
         self.app = app
         self.release_dir = release_dir
@@ -213,10 +223,32 @@ class DaemonProcess:
             self.proc.wait()
 
     def close(self) -> None:
+        self.closed = True
         self.kill()
         if self._notify_sock is not None:
             self._notify_sock.close()
         shutil.rmtree(self._sockdir, ignore_errors=True)
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def unexpected_errors(self, since: int = 0) -> list[str]:
+        """Error-level log lines (after byte ``since``) whose event is not expected."""
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        out = []
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "critical") \
+                    and entry.get("event") not in self.expected_errors:
+                out.append(line)
+        return out
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -224,6 +224,16 @@ class Demo:
         self.say("daemon: patch 1 is running again; patch 2 will never be retried")
         print()
         print(self.patchd("status", "--socket", str(self.socket)))
+        self.check_journal()
+
+    def check_journal(self) -> None:
+        """Nothing in this story is an error an operator must act on: a crashing patch
+        is handled (warning), so an error-level line means a patchd bug."""
+        errors = [line for line in self.log.read_text(errors="replace").splitlines()
+                  if line.split(" ", 2)[1:2] in (["[error"], ["[critical"])]
+        if errors:
+            raise DemoFailed("the daemon logged at error level in a normal flow:\n"
+                             + "\n".join(errors[:5]))
 
 
 def _b(build: dict[str, Any]) -> str:

@@ -151,7 +151,11 @@ class Checker:
         kind = ("transient" if isinstance(exc, TransientError) else
                 "bad_input" if isinstance(exc, BadInputError) else
                 "config" if isinstance(exc, ConfigError) else "error")
-        if isinstance(exc, PatchdError):
+        if isinstance(exc, TransientError):
+            # Retried on its own with backoff: a network outage is a normal flow, and
+            # `journalctl -p err` must not page anyone for it (docs/operations.md).
+            log.warning(event, error=str(exc), error_class=type(exc).__name__, kind=kind)
+        elif isinstance(exc, PatchdError):
             log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind)
         else:
             log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind,
