@@ -105,6 +105,21 @@ class BadReason(StrEnum):
     MANUAL = "manual"
 
 
+def parse_rfc3339(value: object) -> datetime | None:
+    """An RFC 3339 time with a zone (``2026-01-31T00:00:00Z``) in UTC; None otherwise.
+
+    Documents from outside name their expiry this way; a time without a zone is
+    refused (None), never guessed to be local or UTC.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when.astimezone(UTC) if when.tzinfo is not None else None
+
+
 def utc_now_text() -> str:
     """RFC 3339 UTC timestamp with second precision, as used in every state file."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -24,7 +24,13 @@ from patchd.core.errors import (
     ManifestSignatureInvalid,
     SignatureInvalid,
 )
-from patchd.core.model import is_sha256_hex, is_valid_arch, is_valid_release, release_key
+from patchd.core.model import (
+    is_sha256_hex,
+    is_valid_arch,
+    is_valid_release,
+    parse_rfc3339,
+    release_key,
+)
 from patchd.trust.signing import TrustedKeys, verify_document
 
 FORMAT = "patchd-manifest/1"
@@ -183,15 +189,11 @@ def _parse_release(item: object, where: str) -> ReleaseEntry:
 
 
 def _parse_expires(value: object) -> datetime:
-    if not isinstance(value, str):
-        raise _bad("expires", f"must be an RFC 3339 string, got {value!r:.40}")
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise _bad("expires", f"not an RFC 3339 time: {value!r:.40}") from None
-    if when.tzinfo is None:
-        raise _bad("expires", f"must carry a time zone (e.g. 'Z'): {value!r:.40}")
-    return when.astimezone(UTC)
+    when = parse_rfc3339(value)
+    if when is None:
+        raise _bad("expires", f"must be an RFC 3339 time with a time zone (e.g. "
+                              f"'2026-01-31T00:00:00Z'), got {value!r:.40}")
+    return when
 
 
 def parse_manifest(data: bytes) -> Manifest:

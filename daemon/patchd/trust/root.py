@@ -33,6 +33,7 @@ from patchd.core.errors import (
     RootVersionInvalid,
     SignatureInvalid,
 )
+from patchd.core.model import parse_rfc3339
 from patchd.trust.signing import (
     TrustedKeys,
     format_public_key,
@@ -139,13 +140,10 @@ def parse_root(data: bytes) -> Root:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise _bad("version", f"must be an integer >= 1, got {version!r:.40}")
     expires = doc.get("expires")
-    try:
-        when = datetime.fromisoformat(expires) if isinstance(expires, str) else None
-    except ValueError:
-        when = None
-    if when is None or when.tzinfo is None:
+    when = parse_rfc3339(expires)
+    if when is None:
         raise _bad("expires", f"must be an RFC 3339 time with a zone, got {expires!r:.40}")
-    return Root(version, when.astimezone(UTC), _role(doc, "root"), _role(doc, "updates"))
+    return Root(version, when, _role(doc, "root"), _role(doc, "updates"))
 
 
 def root_to_json(root: Root) -> dict[str, Any]:
