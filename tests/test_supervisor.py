@@ -100,6 +100,10 @@ def test_rollback_falls_back_and_roll_forward_reinstalls(env: Env) -> None:
     status = d.status()
     assert status["next_boot"] == {"release": "1.4.0", "patch": 1}
     assert state_of(status, "1.4.0", 2) is None
+    queued = json.loads((d.state_dir / "events.json").read_text())["events"]
+    rollbacks = [e for e in queued if e["type"] == "rollback"]
+    assert [(e["patch"], e["message"]) for e in rollbacks] == [
+        (2, "rolled back by the server")], rollbacks  # one event, not one per layer
     env.publisher.publish(env.patch(2))  # re-publishing clears the rolled_back flag
     manifest = json.loads((env.publisher.repo / "manifest.json").read_text())
     entry = next(r for r in manifest["releases"] if r["release"] == "1.4.0")

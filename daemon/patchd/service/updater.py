@@ -143,8 +143,7 @@ class Updater:
                 self.lifecycle.forget_rolled_back(build)
                 forgotten.append(build)
                 log.warning("update.rolled_back_by_server", release=build.release,
-                            patch=build.patch)
-                self.events.add("rollback", build, "rolled back by the server")
+                            patch=build.patch)  # the lifecycle queues the event
         return forgotten
 
     def decide(self, manifest: Manifest) -> Decision:

@@ -383,11 +383,9 @@ class Lifecycle(LifecycleView):
         """Server rollback: forget the build so a later roll-forward installs again, but
         never lift a local tombstone."""
         log.info("lifecycle.rolled_back", build=str(build))
-        was_next = build == self._pointers.next_boot
         self.cleanup(build)
         self.recompute_next_boot()
-        if was_next:
-            self._emit("rollback", build, "rolled back by the server")
+        self._emit("rollback", build, "rolled back by the server")
 
     @locked
     def manual_rollback(self) -> Build:
