@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from patchd.core.fsio import remove_tree
 from support.attacks import bundle_bytes, file_op, header_doc, signed_members
 from support.daemon import DaemonProcess, state_of
 from support.hostile import RELEASE, HostileRepo, hostile_world, log_events, start_daemon
@@ -32,8 +33,28 @@ DEPTH = 1500
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[HostileRepo]:
-    """A repository on the misbehaving server."""
+    """A repository on the misbehaving server; afterwards the test's directory goes by
+    patchd's own iterative removal (pytest's rmtree recurses, and a test that fails
+    before the daemon removed its deep trees must not break every later session's
+    clean-up of old temp directories)."""
     yield from hostile_world(tmp_path)
+    while STARTED:
+        STARTED.pop().close()
+    for child in tmp_path.iterdir():
+        with contextlib.suppress(OSError):
+            remove_tree(child)
+
+
+STARTED: list[DaemonProcess] = []
+
+
+def daemon(tmp: Path, repo: HostileRepo, start: bool = True) -> DaemonProcess:
+    """A real daemon trusting ``repo`` (killed after the test if still running)."""
+    d = start_daemon(tmp, repo, start=False)
+    STARTED.append(d)
+    if start:
+        d.start()
+    return d
 
 
 @contextlib.contextmanager
@@ -101,7 +122,7 @@ def test_a_1500_deep_tree_is_removed_when_superseded_and_the_daemon_starts_again
     limit) is removed when a newer patch supersedes it, and a deep tree left without
     state is swept at start: the daemon restarts every time."""
     publish_ops(repo, 1, [file_op("lib/p1.txt", b"one\n", 0)], [b"one\n"])
-    d = start_daemon(tmp_path, repo)
+    d = daemon(tmp_path, repo)
     d.call("CheckNow")
     d.wait_status(lambda s: s["next_boot"] == {"release": RELEASE, "patch": 1}, "patch 1")
     deep_chain(d.state_dir / "builds" / RELEASE / "1" / "tree" / "deep")
@@ -158,7 +179,7 @@ def test_a_pathological_signed_bundle_is_refused_at_read_time(
     keeps serving, restarts, and installs the next good patch."""
     make_ops, mutate, error_class, message = PATHOLOGICAL[case]
     ops, payloads = make_ops()
-    d = start_daemon(tmp_path, repo)
+    d = daemon(tmp_path, repo)
     data = publish_ops(repo, 1, ops, payloads, mutate)
     d.call("CheckNow")
     d.wait_status(lambda s: state_of(s, RELEASE, 1) == "bad", "patch 1 tombstoned")
@@ -188,7 +209,7 @@ def test_100000_empty_dirs_are_refused_by_the_space_check_on_a_tmpfs_with_few_in
     and plenty of bytes, fails the space check (DiskFull, transient) before anything is
     written, and leaves the inodes free."""
     with tmpfs("size=2g,nr_inodes=3000") as mnt:
-        d = start_daemon(tmp_path, repo, start=False)
+        d = daemon(tmp_path, repo, start=False)
         d.state_dir, d.cache_dir = mnt / "state", mnt / "cache"
         d.write_config(repo.url("/manifest.json"), [repo.public],
                        '[server]\ntimeout = "5s"\n[install]\nmin_free = "0"\n')
@@ -243,7 +264,7 @@ def test_start_up_repair_survives_any_layout_of_the_state_directory(
     """Deep trees, undecodable names, a state.json that is a FIFO, a directory, a link to
     /dev/zero or 200,000 ``[``, odd top-level files and a mount point: the daemon starts,
     repairs or sets aside each (warnings, no error), and starts again cleanly."""
-    d = start_daemon(tmp_path, repo, start=False)
+    d = daemon(tmp_path, repo, start=False)
     mount_at = d.state_dir / "builds" / RELEASE / "9" / "tree" / "mnt"
     _odd_state_dir(d.state_dir, d.cache_dir, mount_at)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_at)],
@@ -301,7 +322,7 @@ def test_a_version_file_that_is_no_regular_file_is_a_config_error_at_once(
     the daemon exits 2 within seconds with one line naming the file
     (its memory capped at 2 GiB, so the old unbounded read fails fast too)."""
     make, message = VERSIONS[kind]
-    d = start_daemon(tmp_path, repo, start=False)
+    d = daemon(tmp_path, repo, start=False)
     version = d.release_dir / "VERSION"
     version.unlink()
     make(version)
