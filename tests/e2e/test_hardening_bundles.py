@@ -253,6 +253,7 @@ def _odd_state_dir(state: Path, cache: Path, mount_at: Path) -> None:
     Path(os.fsdecode(bytes(cache / "downloads") + b"/\xff.patchd")).write_text("x")
     os.mkfifo(state / "current")                              # not a link
     (state / "pointers.json").mkdir()                         # a directory
+    (state / ".lock").mkdir()
     os.mkfifo(state / "client.json")
     os.symlink("/dev/zero", state / "events.json")
     mount_at.mkdir(parents=True)                              # cannot be removed
@@ -280,6 +281,7 @@ def test_start_up_repair_survives_any_layout_of_the_state_directory(
         assert (d.state_dir / "current").is_symlink()
         aside = {e["path"]: e for e in log_events(d, "lifecycle.set_aside")}
         assert str(d.state_dir / "pointers.json") in aside, aside
+        assert str(d.state_dir / ".lock") in aside, aside
         assert str(d.state_dir / "builds" / RELEASE / "9" / "tree") in aside, aside
         assert all(e["level"] == "warning" for e in aside.values())
         kept = list((d.state_dir / "set-aside").glob("builds_*_9_tree.*/mnt/not-ours"))

@@ -129,7 +129,12 @@ def read_regular(path: Path, limit: int, *, follow: bool = False, head: bool = F
     if follow:
         _refuse_special(path, os.stat(path).st_mode)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise OSError(errno.ELOOP, "a link, not a regular file", str(path)) from None
+        raise
     try:
         st = os.fstat(fd)
         _refuse_special(path, st.st_mode)

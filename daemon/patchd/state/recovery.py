@@ -14,6 +14,7 @@ exactly what they write.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -58,7 +59,9 @@ def take_lock(layout: Layout) -> int:
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         fd = os.open(path, flags, 0o600)
-    except OSError as exc:  # a directory, a link or a FIFO where the lock file belongs
+    except OSError as exc:  # a directory or a link where the lock file belongs
+        if exc.errno not in (errno.EISDIR, errno.ELOOP):
+            raise  # never move aside a lock we may not open: another user's daemon holds it
         _set_aside(layout, path, exc)
         fd = os.open(path, flags, 0o600)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
