@@ -315,6 +315,71 @@ def test_oversized_pax_header_refused(box: Sandbox) -> None:
     refused(box, craft_bundle(box.root / "b", members), BundleInvalid, "meta header")
 
 
+def _chain(n: int) -> list[dict[str, Any]]:
+    return [{"op": "dir", "path": "/".join(["d"] * k), "mode": 0o755} for k in range(1, n + 1)]
+
+
+def test_paths_deeper_than_the_limit_are_refused(box: Sandbox) -> None:
+    """A tree of 256 parts applies; one part more is refused before anything is written
+    (docs/formats.md#paths), as is a symlink op at that depth."""
+    deepest = signed_members(header_doc(_chain(256)), [KEY], [])
+    box.attempt(craft_bundle(box.root / "ok", deepest))
+    assert (box.staging / "/".join(["d"] * 256)).is_dir()
+    shutil.rmtree(box.staging / "d")
+    box.before = (snapshot(box.staging), box.before[1])
+    members = signed_members(header_doc(_chain(257)), [KEY], [])
+    refused(box, craft_bundle(box.root / "b", members), UnsafePath,
+            "path deeper than 256 parts")
+    link = {"op": "symlink", "path": "/".join(["d"] * 257), "target": "x"}
+    members = signed_members(header_doc([link]), [KEY], [])
+    refused(box, craft_bundle(box.root / "c", members), UnsafePath, "deeper than 256")
+    assert box.staging_untouched()
+
+
+@pytest.mark.parametrize("op", [
+    file_op("lib/x-\udcff", b"x", 0),
+    {"op": "dir", "path": "\ud800", "mode": 0o755},
+    {"op": "symlink", "path": "l", "target": "t\udcff"},
+    {"op": "delete", "path": "a/\udfff"},
+])
+def test_names_that_are_no_unicode_are_refused(box: Sandbox, op: dict[str, Any]) -> None:
+    """A path or link target holding a lone surrogate (JSON ``"\\udcff"``) could name a
+    file on disk but never be written to state.json: refused as an unsafe path."""
+    members = signed_members(header_doc([op]), [KEY], [b"x"] if op["op"] == "file" else [])
+    assert b'\\ud' in members[0][1]  # valid JSON: the escape, not the character
+    refused(box, craft_bundle(box.root / "b", members), UnsafePath, "not valid Unicode")
+    assert box.staging_untouched()
+
+
+@pytest.mark.parametrize("pax", [
+    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "payload/0",
+     "GNU.sparse.realsize": "11"},
+    {"GNU.sparse.major": "0", "GNU.sparse.minor": "1", "GNU.sparse.map": "0,11"},
+    {"GNU.sparse.size": "11", "GNU.sparse.numblocks": "1", "GNU.sparse.offset": "0",
+     "GNU.sparse.numbytes": "11"},
+    {"GNU.sparse.map": "a,b"},
+])
+@pytest.mark.parametrize("member", [0, 2])
+def test_gnu_sparse_members_are_invalid_bundles(box: Sandbox, pax: dict[str, str],
+                                                member: int) -> None:
+    """A GNU sparse member of any version, before or after the signature, is refused as
+    BundleInvalid (tarfile raised a bare ValueError on a bad sparse map)."""
+    members = good_members()
+    members[member][0].pax_headers = pax
+    refused(box, craft_bundle(box.root / "b", members), BundleInvalid, "GNU sparse file")
+
+
+def test_old_gnu_sparse_type_is_an_invalid_bundle(box: Sandbox) -> None:
+    """The old GNU sparse member type ('S') is refused the same way."""
+    members = good_members()
+    members[2][0].type = tarfile.GNUTYPE_SPARSE
+    buf = box.root / "b"
+    raw = b"".join(info.tobuf(tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512)
+                   for info, data in members) + bytes(1024)
+    buf.write_bytes(raw)
+    refused(box, buf, BundleInvalid, "GNU sparse file")
+
+
 def test_reader_requires_payload_read_to_end(tmp_path: Path) -> None:
     """Advancing past a payload that was not read to EOF is a programming error."""
     bundle = craft_bundle(tmp_path / "b", good_members())

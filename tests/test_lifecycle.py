@@ -177,6 +177,23 @@ def test_version_missing_or_empty_is_config_error(tmp_path: Path) -> None:
         assert lc.release == "2.0"
 
 
+def test_version_is_read_as_the_head_of_a_regular_file_only(tmp_path: Path) -> None:
+    """VERSION is read up to 256 bytes: a long tail after the first line is fine, a first
+    line that does not end within them is a ConfigError, and so is anything that is not
+    a regular file (named, without reading it)."""
+    state, cache, rel = make_release(tmp_path)
+    (rel / "VERSION").write_text("2.0\n" + "changelog\n" * 100_000)
+    with Lifecycle.open(state, cache, rel) as lc:
+        assert lc.release == "2.0"
+    (rel / "VERSION").write_text("2" * 300 + "\n")
+    with pytest.raises(ConfigError, match="first line is longer than 256 bytes"):
+        Lifecycle.open(state, cache, rel)
+    (rel / "VERSION").unlink()
+    os.mkfifo(rel / "VERSION")
+    with pytest.raises(ConfigError, match=r"VERSION: .*a FIFO, not a regular file"):
+        Lifecycle.open(state, cache, rel)
+
+
 def test_corrupt_pointers_are_treated_as_absent(lc: Lifecycle) -> None:
     """pointers.json that fails to parse resets to (R, 0); installed builds stay."""
     ready(lc, B1)

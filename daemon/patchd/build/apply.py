@@ -19,14 +19,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import stat
 from pathlib import Path
 
 import structlog
 
 from patchd.core.errors import BundleInvalid, DiskFull, UnsafePath
-from patchd.core.fsio import DIR_FLAGS, open_dir_at, temp_name
+from patchd.core.fsio import DIR_FLAGS, open_dir_at, remove_at, temp_name
 from patchd.trust import (
     BundleReader,
     DeleteOp,
@@ -175,7 +174,7 @@ def _delete(tree: _Tree, op: DeleteOp) -> bool:
         return False
     dfd, name = tree.parent(op.path)
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dfd)
+        remove_at(dfd, name)  # iterative: no depth of tree exhausts the stack
         return True
     os.unlink(name, dir_fd=dfd)
     return False

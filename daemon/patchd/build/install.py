@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import secrets
-import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,13 +32,14 @@ from patchd.build.clone import (
 )
 from patchd.core.durable import sync_dirs
 from patchd.core.errors import BadInputError, DiskFull, InstallCancelled, UsageError
-from patchd.core.fsio import fsync_dir, remove_tree
+from patchd.core.fsio import DIR_FLAGS, fsync_dir, remove_tree, walk_dirs
 from patchd.core.model import Build, Installed
 from patchd.host.process import failpoint
 from patchd.state import OLD_TREE_PREFIX, Lifecycle
 from patchd.trust import (
     BundleHeader,
     BundleReader,
+    DeleteOp,
     DeltaOp,
     DirOp,
     Expected,
@@ -151,8 +151,8 @@ def _build_tree(lifecycle: Lifecycle, req: InstallRequest, staging: Path,
         method = req.clone
         if base is not None and method == "auto":
             method = probe_clone_mode(base, staging.parent)
-        needed = _space_needed(reader.header, base, method, staging.parent)
-        _check_free_space(staging.parent, needed + req.min_free)
+        needs = _space_needed(reader.header, base, method, staging.parent)
+        _check_free_space(staging.parent, needs, req.min_free)
         deferred: dict[str, int] = {}
         if base is not None:
             _method, deferred = clone_deferred(base, staging, method)
@@ -187,36 +187,84 @@ def _retire_existing_tree(lifecycle: Lifecycle, build: Build, final: Path) -> No
         remove_tree(aside)
 
 
+@dataclass(frozen=True)
+class _Needs:
+    """What an install will take on the staging file system."""
+
+    bytes: int
+    inodes: int
+
+
+#: Inodes kept beyond the tree's own: the state files written after it (temp + rename).
+INODE_MARGIN = 64
+
+
 def _space_needed(header: BundleHeader, base: Path | None, method: CloneMode,
-                  where: Path) -> int:
-    """Bytes the install will take: ``unpacked_size``, or more when every written file
-    rounds up to whole blocks, plus the base tree itself when it must be copied."""
+                  where: Path) -> _Needs:
+    """Bytes and inodes the install will take. Bytes: ``unpacked_size``, or more when
+    every written file rounds up to whole blocks and every new directory takes one,
+    plus the base tree itself when it must be copied. Inodes: one per op that makes an
+    entry (file, delta, dir, symlink), plus the clone of the base: its directories and
+    links always, its files unless they are hard-linked."""
     block = max(os.statvfs(where).f_frsize, 1)
     rounded = sum(-(-op.size // block) * block for op in header.ops
                   if isinstance(op, FileOp | DeltaOp))
+    rounded += block * sum(isinstance(op, DirOp) for op in header.ops)
     needed = max(header.unpacked_size, rounded)
-    if base is not None and method == "copy":
-        needed += _tree_blocks(base)
-    return needed
+    inodes = sum(not isinstance(op, DeleteOp) for op in header.ops)
+    if base is not None:
+        usage = _tree_usage(base)
+        inodes += usage.dirs + usage.links + (usage.files if method != "hardlink" else 0)
+        if method == "copy":
+            needed += usage.file_bytes
+    return _Needs(needed, inodes + INODE_MARGIN)
 
 
-def _tree_blocks(root: Path) -> int:
-    """Allocated bytes of the regular files under ``root`` (what a copy will take)."""
-    total = 0
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_blocks * 512
-    return total
+@dataclass
+class _Usage:
+    dirs: int = 0
+    files: int = 0
+    links: int = 0
+    file_bytes: int = 0  # allocated bytes of the regular files (what a copy takes)
 
 
-def _check_free_space(where: Path, needed: int) -> None:
+def _tree_usage(root: Path) -> _Usage:
+    """What the tree at ``root`` holds, by an iterative walk that never follows a link."""
+    usage = _Usage()
+
+    def count(fd: int) -> list[str]:
+        subdirs = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                elif entry.is_symlink():
+                    usage.links += 1
+                elif entry.is_file(follow_symlinks=False):
+                    usage.files += 1
+                    usage.file_bytes += entry.stat(follow_symlinks=False).st_blocks * 512
+        usage.dirs += 1
+        return subdirs
+
+    fd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)  # release_dir itself may be a link
+    try:
+        walk_dirs(fd, count)
+    finally:
+        os.close(fd)
+    return usage
+
+
+def _check_free_space(where: Path, needs: _Needs, min_free: int) -> None:
     st = os.statvfs(where)
     free = st.f_bavail * st.f_frsize
-    if free < needed:
-        raise DiskFull(f"{free} bytes free in {where}, the install needs {needed} "
-                       "(bundle's unpacked size, the base tree if it must be copied, "
-                       "plus install.min_free)")
+    if free < needs.bytes + min_free:
+        raise DiskFull(f"{free} bytes free in {where}, the install needs "
+                       f"{needs.bytes + min_free} (bundle's unpacked size, the base tree if "
+                       "it must be copied, plus install.min_free)")
+    # f_files is 0 where the file system has no inode limit (btrfs, tmpfs nr_inodes=0).
+    if st.f_files and st.f_favail < needs.inodes:
+        raise DiskFull(f"{st.f_favail} inodes free in {where}, the install needs "
+                       f"{needs.inodes} (one per entry the bundle makes, the base tree's "
+                       "directories and links, its files unless hard-linked)")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from patchd.core.fsio import DIR_FLAGS, fsync_dir
+from patchd.core.fsio import DIR_FLAGS, fsync_dir, walk_dirs
 
 __all__ = ["make_dirs", "sync_dirs"]
 
@@ -52,20 +52,18 @@ def sync_dirs(root: Path) -> int:
     (their bytes are the base's, durable already). Links are never followed.
     """
     count = 0
-    stack = [os.open(root, DIR_FLAGS)]
+
+    def sync(fd: int) -> list[str]:
+        nonlocal count
+        with os.scandir(fd) as entries:
+            subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        os.fsync(fd)
+        count += 1
+        return subdirs
+
+    fd = os.open(root, DIR_FLAGS)
     try:
-        while stack:
-            fd = stack.pop()
-            try:
-                with os.scandir(fd) as entries:
-                    subdirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-                for name in subdirs:
-                    stack.append(os.open(name, DIR_FLAGS, dir_fd=fd))
-                os.fsync(fd)
-                count += 1
-            finally:
-                os.close(fd)
+        walk_dirs(fd, sync)  # iterative, two descriptors at most, however wide or deep
     finally:
-        for fd in stack:
-            os.close(fd)
+        os.close(fd)
     return count

@@ -12,10 +12,8 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import stat
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,6 +26,9 @@ log = structlog.get_logger("patchd.core.fsio")
 #: Prefix of every temporary sibling; start-up cleanup may remove anything carrying it.
 TEMP_PREFIX = ".patchd-tmp-"
 MAX_PATH_BYTES = 4096
+#: Parts a bundle path may have at most: the deepest tree a bundle can make. Every walk
+#: of a tree is iterative anyway; this keeps trees within what any tool can handle.
+MAX_PATH_DEPTH = 256
 
 
 def fsync_dir(path: Path) -> None:
@@ -110,23 +111,74 @@ def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
     atomic_write_bytes(path, data, mode)
 
 
+#: A state file larger than this is corrupt (a header's files map is at most 16 MiB).
+MAX_STATE_FILE_BYTES = 256 * 1024 * 1024
+
+
+def read_regular(path: Path, limit: int, *, follow: bool = False, head: bool = False
+                 ) -> bytes:
+    """The bytes of the regular file at ``path``, refusing anything else with an
+    OSError that says what it is (absent stays FileNotFoundError).
+
+    A file over ``limit`` bytes is refused too, or with ``head`` only its first
+    ``limit`` bytes are read. A FIFO, a device or a directory is refused without reading
+    it (``O_NONBLOCK``: a FIFO never blocks the open); without ``follow`` a link is
+    refused too (``ELOOP``), with it the target is checked before it is opened, so no
+    device is ever opened.
+    """
+    if follow:
+        _refuse_special(path, os.stat(path).st_mode)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise OSError(errno.ELOOP, "a link, not a regular file", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        _refuse_special(path, st.st_mode)
+        if st.st_size > limit and not head:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes ({st.st_size})", str(path))
+        chunks, total = [], 0
+        while total <= limit and (data := os.read(fd, min(limit + 1 - total, 1 << 20))):
+            chunks.append(data)
+            total += len(data)
+        if total > limit and not head:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        return b"".join(chunks)[:limit]
+    finally:
+        os.close(fd)
+
+
+def _refuse_special(path: Path, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a link" if stat.S_ISLNK(mode)
+            else "not a regular file")
+    raise OSError(errno.EINVAL, f"{kind}, not a regular file", str(path))
+
+
 def read_json(path: Path) -> Any | None:
     """Parsed JSON of ``path``, or None when it is absent or unreadable.
 
-    A state file that fails to parse is treated as absent and logged, never a crash:
-    the lifecycle then rebuilds what it can from the files that did parse.
+    A state file that fails to parse, or is no regular file (a directory, a FIFO, a
+    link), is treated as absent and logged, never a crash nor a hang: the lifecycle
+    then rebuilds what it can from the files that did parse.
     """
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_STATE_FILE_BYTES)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("state.unreadable", path=str(path), error=str(exc))
+        log.warning("state.unreadable", path=str(path), error=exc.strerror or str(exc))
         return None
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        log.warning("state.corrupt", path=str(path), error=str(exc))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        log.warning("state.corrupt", path=str(path), error=str(exc)[:200])
         return None
 
 
@@ -143,57 +195,174 @@ def replace_symlink(link: Path, target: str) -> None:
     fsync_dir(link.parent)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a file, link or directory tree if present, never following links out of it.
+def walk_dirs(top_fd: int, enter: Callable[[int], list[str]],
+              leave: Callable[[int, str], None] | None = None, *, force: bool = False) -> None:
+    """Visit the directory tree at ``top_fd`` depth first, without recursion.
 
-    Bundles may create read-only directories, so permission errors are met by making
-    the directory in question writable (we own it and are removing it anyway).
+    ``enter(fd)`` is called once for each directory, ``top_fd`` first, and returns the
+    names of the subdirectories to visit next; ``leave(parent_fd, name)`` is called once
+    everything below ``name`` was visited. However deep the tree, the walk holds two
+    descriptors at most and no Python recursion: it climbs back through ``..`` and checks
+    that it reached the directory it left (same device and inode). Links are never
+    followed and another file system mounted inside is not entered. With ``force`` a
+    directory that refuses access is first made owner-rwx (a tree we are removing).
+    """
+    fd = os.dup(top_fd)
+    try:
+        st = os.fstat(fd)
+        stack = [("", (st.st_dev, st.st_ino), enter(fd))]
+        while stack:
+            name, _ident, pending = stack[-1]
+            if pending:
+                child = pending.pop()
+                cfd = open_subdir(fd, child, force=force)
+                if cfd is None:
+                    continue
+                cst = os.fstat(cfd)
+                if cst.st_dev != st.st_dev:
+                    os.close(cfd)  # a mount point: never walked into
+                    continue
+                os.close(fd)
+                fd = cfd
+                stack.append((child, (cst.st_dev, cst.st_ino), enter(fd)))
+                continue
+            stack.pop()
+            if not stack:
+                break
+            parent = os.open("..", DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            pst = os.fstat(fd)
+            if (pst.st_dev, pst.st_ino) != stack[-1][1]:
+                raise OSError(errno.ESTALE, "a directory moved while its tree was walked", name)
+            if leave is not None:
+                leave(fd, name)
+    finally:
+        os.close(fd)
+
+
+def open_subdir(dir_fd: int, name: str, *, force: bool = False) -> int | None:
+    """A new fd of the directory ``name`` in ``dir_fd``; None when it is gone or is no
+    longer a directory. With ``force`` access refused is met by making both owner-rwx."""
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        if not (force and isinstance(exc, PermissionError)):
+            raise
+    _make_owner_rwx(dir_fd)
+    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        os.chmod(name, 0o700, dir_fd=dir_fd)
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _make_owner_rwx(fd: int) -> None:
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o700 != 0o700:
+        os.fchmod(fd, mode | 0o700)
+
+
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink every entry of the directory ``fd`` but its subdirectories; their names."""
+    subdirs: list[str] = []
+    with os.scandir(fd) as entries:
+        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    for name, is_dir in names:
+        if is_dir:
+            subdirs.append(name)
+            continue
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            _make_owner_rwx(fd)
+            os.unlink(name, dir_fd=fd)
+    return subdirs
+
+
+def _rmdir(dir_fd: int, name: str) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        _make_owner_rwx(dir_fd)
+        os.rmdir(name, dir_fd=dir_fd)
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    """Remove the file, link or directory tree ``name`` in ``dir_fd`` if present.
+
+    Iterative (:func:`walk_dirs`), so no depth of tree can exhaust the stack, and links
+    are never followed out of the tree. Bundles may create read-only directories, so a
+    directory that refuses access is made writable (we own it and are removing it).
     """
     try:
-        st = path.lstat()
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            _make_owner_rwx(dir_fd)
+            os.unlink(name, dir_fd=dir_fd)
         return
-
-    def retry(func: Any, p: str, exc: BaseException) -> None:
-        if isinstance(exc, FileNotFoundError):
-            return
-        if not isinstance(exc, PermissionError):
-            raise exc
-        if func in (os.open, os.scandir, os.listdir):
-            os.chmod(p, 0o700)
-            shutil.rmtree(p, **{_RMTREE_HOOK: _hook(retry)})
-        else:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-
-    shutil.rmtree(path, **{_RMTREE_HOOK: _hook(retry)})
+    fd = open_subdir(dir_fd, name, force=True)
+    if fd is None:
+        return remove_at(dir_fd, name)  # replaced by a file or link meanwhile
+    try:
+        walk_dirs(fd, _unlink_files, _rmdir, force=True)
+    finally:
+        os.close(fd)
+    _rmdir(dir_fd, name)
 
 
-# shutil.rmtree's error hook is `onexc` from 3.12 on and `onerror` (with exc_info) before.
-_RMTREE_HOOK = "onexc" if sys.version_info >= (3, 12) else "onerror"
+def remove_tree(path: Path) -> None:
+    """Remove a file, link or directory tree at ``path`` if present (:func:`remove_at`)."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        return
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        remove_at(parent, path.name)
+    finally:
+        os.close(parent)
 
 
-def _hook(fn: Any) -> Any:
-    if _RMTREE_HOOK == "onexc":
-        return fn
-    return lambda func, p, exc_info: fn(func, p, exc_info[1])
+def check_text(what: str, text: str) -> None:
+    """Refuse a string that has no UTF-8 form (a lone surrogate such as ``\\udcff``):
+    it could name a file on disk yet never be written to a state file."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsafePath(f"{what} {text[:64]!a} is not valid Unicode "
+                         f"(a lone surrogate at {exc.start})") from None
 
 
 def check_rel_path(path: object) -> tuple[str, ...]:
     """Validate a bundle path (docs/formats.md) and return its parts.
 
     Relative, ``/``-separated, normalised: no ``.``, ``..``, empty part, leading ``/``,
-    NUL or backslash, at most 4096 bytes. Whether it passes through a symlink of the
-    tree is checked where the tree is at hand (the installer), not here.
+    NUL or backslash, valid Unicode, at most 4096 bytes and :data:`MAX_PATH_DEPTH`
+    parts. Whether it passes through a symlink of the tree is checked where the tree is
+    at hand (the installer), not here.
     """
     if not isinstance(path, str) or not path:
-        raise UnsafePath(f"path must be a non-empty string, got {path!r}")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise UnsafePath(f"path must be a non-empty string, got {path!r:.80}")
+    check_text("path", path)
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise UnsafePath(f"path longer than {MAX_PATH_BYTES} bytes: {path[:64]!r}…")
+    if path.count("/") >= MAX_PATH_DEPTH:
+        raise UnsafePath(f"path deeper than {MAX_PATH_DEPTH} parts "
+                         f"({path.count('/') + 1}): {path[:64]!r}…")
     if "\x00" in path or "\\" in path:
         raise UnsafePath(f"path contains NUL or backslash: {path!r}")
     if path.startswith("/"):

@@ -15,9 +15,11 @@ it. The tree it describes::
       builds/R/N/tree/               its installed tree
       builds/R/N/.staging-tree/      the installer's work in progress
       builds/R/N/.patchd-tmp-old-tree-*  a tree moved aside by a reinstall
+      set-aside/                     what start-up repair could not remove (never read)
     cache_dir/downloads/
       R-N.patchd                     a partial or complete download
       R-N.patchd.meta                the origin's validators, for If-Range
+    cache_dir/set-aside/             as in state_dir
 
 Pure path arithmetic: nothing here touches the filesystem. The bare names are module
 constants too, for code that walks a directory and must recognise what it finds.
@@ -43,6 +45,7 @@ __all__ = [
     "LOCK_FILE",
     "OLD_TREE_PREFIX",
     "POINTERS_FILE",
+    "SET_ASIDE_DIR",
     "STAGING_DIR",
     "STATE_FILE",
     "TREE_DIR",
@@ -63,6 +66,9 @@ STAGING_DIR = ".staging-tree"
 #: A build's tree moved aside by a reinstall while a host may still run it.
 OLD_TREE_PREFIX = TEMP_PREFIX + "old-tree-"
 DOWNLOADS_DIR = "downloads"
+#: Where start-up repair moves what it could not remove (a mount point, an unlistable
+#: directory, a directory where a state file belongs); nothing reads it again.
+SET_ASIDE_DIR = "set-aside"
 DOWNLOAD_SUFFIX = ".patchd"
 DOWNLOAD_META_SUFFIX = ".meta"
 

@@ -14,8 +14,11 @@ exactly what they write.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import secrets
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +38,7 @@ from patchd.core.model import (
     release_key,
 )
 from patchd.state import store
-from patchd.state.layout import STATE_FILE, TREE_DIR, Layout
+from patchd.state.layout import SET_ASIDE_DIR, STATE_FILE, TREE_DIR, Layout
 from patchd.state.pointers import Pointers, protected_builds
 
 if TYPE_CHECKING:
@@ -49,9 +52,22 @@ log = structlog.get_logger("patchd.state.recovery")
 def take_lock(layout: Layout) -> int:
     """Create the state directory if needed and hold its flock: one process per
     directory. Returns the descriptor to close on release; raises :class:`StateLocked`."""
+    if layout.state_dir.exists() and not layout.state_dir.is_dir():
+        raise ConfigError(f"{layout.state_dir}: not a directory; check paths.state_dir")
     make_dirs(layout.state_dir)
     path = layout.lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:  # a directory or a link where the lock file belongs
+        if exc.errno not in (errno.EISDIR, errno.ELOOP):
+            raise  # never move aside a lock we may not open: another user's daemon holds it
+        _set_aside(layout, path, exc)
+        fd = os.open(path, flags, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        _set_aside(layout, path, "not a regular file")
+        fd = os.open(path, flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -61,15 +77,26 @@ def take_lock(layout: Layout) -> int:
     return fd
 
 
+#: ``release_dir/VERSION`` is read up to this many bytes; its first line must fit.
+MAX_VERSION_BYTES = 256
+
+
 def read_release(release_dir: Path) -> str:
-    """First line of ``release_dir/VERSION``: the release the OS installed."""
+    """First line of ``release_dir/VERSION``: the release the OS installed.
+
+    Only a regular file is read (a link is followed to one), and only its first
+    :data:`MAX_VERSION_BYTES` bytes: a FIFO, a device or a directory is a config error
+    naming the file, at once, never a hang or a read without end.
+    """
     path = release_dir / "VERSION"
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = fsio.read_regular(path, MAX_VERSION_BYTES, follow=True, head=True)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the release version ({exc.strerror}); "
-                          "check app.release_dir") from exc
-    lines = text.splitlines()
+        raise ConfigError(f"{path}: cannot read the release version "
+                          f"({exc.strerror or exc}); check app.release_dir") from exc
+    if len(data) >= MAX_VERSION_BYTES and b"\n" not in data:
+        raise ConfigError(f"{path}: the first line is longer than {MAX_VERSION_BYTES} bytes")
+    lines = data.decode("utf-8", errors="replace").splitlines()
     first = lines[0].strip() if lines else ""
     if not first:
         raise ConfigError(f"{path}: empty; its first line must name the release")
@@ -92,8 +119,7 @@ def load(layout: Layout, release_dir: Path) -> Loaded:
     """Read the OS release and the pointers, start over when the OS installed another
     release, and sweep what interrupted transitions left. The caller holds the lock."""
     os_release = read_release(release_dir)
-    make_dirs(layout.builds)
-    make_dirs(layout.downloads)
+    _odd_layout(layout)
     loaded = store.read_pointers(layout)
     last_seen = (loaded.os_release or loaded.release) if loaded else None
     if loaded is None or last_seen != os_release:
@@ -144,9 +170,9 @@ def _release_change(layout: Layout, os_release: str, last_seen: str | None) -> P
     base = release_key(os_release)
     for entry in store.listdir(layout.builds):
         if not is_valid_release(entry) or release_key(entry) < base:
-            fsio.remove_tree(layout.builds / entry)
+            _remove(layout, layout.builds / entry)
     if last_seen is not None:
-        fsio.remove_tree(layout.downloads)
+        _remove(layout, layout.downloads)
         make_dirs(layout.downloads)
         log.warning("lifecycle.release_changed", old=last_seen, new=os_release)
     pointers = Pointers.initial(os_release)
@@ -158,29 +184,36 @@ def _sweep(layout: Layout, protected: set[Build]) -> None:
     """Remove what an interrupted transition left: temp files, staging trees, trees
     of builds that are not installed, state-less build directories, orphan
     downloads and anything not named like ours under ``builds/`` and ``downloads/``.
+    A directory that cannot be repaired is set aside (:func:`_set_aside`).
     """
     for entry in store.listdir(layout.state_dir):
         if entry.startswith(fsio.TEMP_PREFIX):
-            fsio.remove_tree(layout.state_dir / entry)
-    for rel in store.listdir(layout.builds):
+            _remove(layout, layout.state_dir / entry)
+    current = layout.current
+    if current.exists() and not current.is_symlink():
+        _remove(layout, current)  # a recompute points it again
+    for rel in _listdir(layout, layout.builds):
         rel_dir = layout.release_dir(rel)
         if not is_valid_release(rel) or not rel_dir.is_dir() or rel_dir.is_symlink():
-            fsio.remove_tree(rel_dir)
+            _remove(layout, rel_dir)
             continue
-        for patch in store.listdir(rel_dir):
+        for patch in _listdir(layout, rel_dir):
             bdir = rel_dir / patch
             if not store.is_patch_name(patch) or not bdir.is_dir() or bdir.is_symlink():
-                fsio.remove_tree(bdir)
+                _remove(layout, bdir)
                 continue
-            _sweep_build(layout, Build(rel, int(patch)), protected)
-        if not store.listdir(rel_dir):
-            fsio.remove_tree(rel_dir)
+            try:
+                _sweep_build(layout, Build(rel, int(patch)), protected)
+            except OSError as exc:
+                _set_aside(layout, bdir, exc)
+        if rel_dir.is_dir() and not _listdir(layout, rel_dir):
+            _remove(layout, rel_dir)
     wanted = {path for b, s in store.list_builds(layout)
               if isinstance(s, Downloading | Downloaded) for path in layout.download(b)}
-    for entry in store.listdir(layout.downloads):
+    for entry in _listdir(layout, layout.downloads):
         if layout.downloads / entry not in wanted:
             log.info("lifecycle.orphan_removed", path=str(layout.downloads / entry))
-            fsio.remove_tree(layout.downloads / entry)
+            _remove(layout, layout.downloads / entry)
 
 
 def _sweep_build(layout: Layout, build: Build, protected: set[Build]) -> None:
@@ -192,6 +225,65 @@ def _sweep_build(layout: Layout, build: Build, protected: set[Build]) -> None:
     for entry in store.listdir(bdir):
         if entry not in keep:
             log.info("lifecycle.leftover_removed", path=str(bdir / entry))
-            fsio.remove_tree(bdir / entry)
+            _remove(layout, bdir / entry)
     if not store.listdir(bdir):
         fsio.remove_tree(bdir)
+
+
+# --- odd layouts ---------------------------------------------------------------------
+
+
+def _odd_layout(layout: Layout) -> None:
+    """Set aside what no patchd wrote where the layout needs a directory or a file: a
+    file where ``builds/`` or ``downloads/`` belongs, a directory, FIFO or link where
+    a state file belongs (its atomic replacement would fail, its read hang)."""
+    for directory in (layout.builds, layout.downloads):
+        if os.path.lexists(directory) and not directory.is_dir():
+            _set_aside(layout, directory, "not a directory")
+        make_dirs(directory)
+    for path in (layout.pointers, layout.client, layout.root, layout.events):
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            _set_aside(layout, path, "not a regular file")
+
+
+def _listdir(layout: Layout, path: Path) -> list[str]:
+    """The entries of one of our directories; one that cannot be listed is set aside."""
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        _set_aside(layout, path, exc)
+        return []
+
+
+def _remove(layout: Layout, path: Path) -> None:
+    """Remove a leftover; one that resists (a mount point, an immutable file, EIO) is
+    set aside instead, so that no layout of the directories stops the daemon starting."""
+    try:
+        fsio.remove_tree(path)
+    except OSError as exc:
+        _set_aside(layout, path, exc)
+
+
+def _set_aside(layout: Layout, path: Path, why: object) -> None:
+    """Move ``path`` into ``set-aside/`` of its state or cache directory and log it (a
+    warning: nothing is lost, and the operator may look at it); never raises."""
+    root = layout.cache_dir if path.is_relative_to(layout.cache_dir) and \
+        not path.is_relative_to(layout.state_dir) else layout.state_dir
+    rel = str(path.relative_to(root)).replace("/", "_")[:128]
+    dest = root / SET_ASIDE_DIR / f"{rel}.{secrets.token_hex(4)}"
+    error = why.strerror or str(why) if isinstance(why, OSError) else str(why)
+    try:
+        make_dirs(dest.parent)
+        os.rename(path, dest)
+        fsio.fsync_dir(path.parent)
+    except OSError as exc:
+        log.warning("lifecycle.repair_failed", path=str(path), error=error,
+                    set_aside_error=exc.strerror or str(exc))
+        return
+    log.warning("lifecycle.set_aside", path=str(path), moved_to=str(dest), error=error)

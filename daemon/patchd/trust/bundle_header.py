@@ -14,7 +14,7 @@ from typing import Any
 
 from patchd.core.documents import load_document
 from patchd.core.errors import BundleInvalid, UnsafePath
-from patchd.core.fsio import MAX_PATH_BYTES, check_rel_path
+from patchd.core.fsio import MAX_PATH_BYTES, check_rel_path, check_text
 from patchd.core.model import is_sha256_hex, is_valid_arch, is_valid_release
 
 FORMAT = "patchd-bundle/1"
@@ -135,6 +135,7 @@ def check_link_target(path: str, target: object) -> None:
     """
     if not isinstance(target, str) or not target:
         raise UnsafePath(f"symlink {path!r}: target must be a non-empty string")
+    check_text(f"symlink {path!r}: target", target)
     if target.startswith("/"):
         raise UnsafePath(f"symlink {path!r}: absolute target {target!r}")
     if "\x00" in target or "\\" in target or len(target.encode()) > MAX_PATH_BYTES:

@@ -117,14 +117,26 @@ class _Counted(io.RawIOBase):
 
 
 class _SafeTarInfo(tarfile.TarInfo):
-    """Refuses oversized pax/GNU meta headers, which tarfile would read whole into memory."""
+    """Refuses oversized pax/GNU meta headers, which tarfile would read whole into memory,
+    and GNU sparse members of any version before tarfile reads their maps (a bundle
+    holds regular files only, and tarfile raises a bare ValueError on a bad map)."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
         meta = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                 tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
         if self.type in meta and self.size > MAX_META_HEADER_BYTES:
             raise BundleInvalid(f"tar meta header of {self.size} bytes is too large")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+        try:
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+        except ValueError as exc:  # a number or a name tarfile cannot parse
+            raise BundleInvalid(f"corrupt tar header: {exc}") from None
+
+    def _sparse(self, *args: object) -> Any:
+        member = args[0] if args and isinstance(args[0], tarfile.TarInfo) else self
+        raise BundleInvalid(f"member {member.name!r:.200} is a GNU sparse file; "
+                            "only regular files are allowed")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse
 
 
 @contextlib.contextmanager
