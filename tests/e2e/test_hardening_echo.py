@@ -63,7 +63,7 @@ def test_untrusted_keyid_never_reaches_status_log_or_socket(
     ]}).encode()
     _publish_with_sig(repo, sig)
     d = start_daemon(tmp_path, repo)
-    d.expected_errors.add(\"check.failed\")  # the refusal each test provokes
+    d.expected_errors.add("check.failed")  # the refusal each test provokes
     reason = str(_check_error(d)["reason"])
     assert "no signature by a trusted key" in reason
     assert stranger in reason and "2 malformed" in reason
@@ -91,7 +91,7 @@ def test_deeply_nested_signature_file_is_refused_logged_and_recorded(
     """200,000 ``[`` is a refusal naming the signature file, not an internal error."""
     _publish_with_sig(repo, b"[" * 200_000)
     d = start_daemon(tmp_path, repo)
-    d.expected_errors.add(\"check.failed\")  # the refusal each test provokes
+    d.expected_errors.add("check.failed")  # the refusal each test provokes
     reason = str(_check_error(d)["reason"])
     assert "signature file is not valid JSON: nested too deeply" in reason, reason
     assert "internal error" not in reason
@@ -108,7 +108,7 @@ def test_unforeseen_exception_in_a_check_is_logged_once_and_recorded(
     and answered as a named internal error; the next check runs normally."""
     repo.publish([])
     d = start_daemon(tmp_path, repo, env={"PATCHD_TASK_FAULT": "check"})
-    d.expected_errors.add(\"check.failed\")  # the refusal each test provokes
+    d.expected_errors.add("check.failed")  # the refusal each test provokes
     reason = str(_check_error(d)["reason"])
     assert reason.startswith("internal error (RuntimeError: fault injected into check")
     status = d.status()
@@ -128,7 +128,7 @@ def test_signature_file_with_many_entries_is_refused_with_one_line(
     assert len(sig) < 4 * 1024 * 1024
     _publish_with_sig(repo, sig)
     d = start_daemon(tmp_path, repo)
-    d.expected_errors.add(\"check.failed\")  # the refusal each test provokes
+    d.expected_errors.add("check.failed")  # the refusal each test provokes
     started = time.monotonic()
     reason = str(_check_error(d)["reason"])
     elapsed = time.monotonic() - started
