@@ -43,17 +43,23 @@ type BuildInfo (build: Build, state: string, reason: ?string, size: ?int)
 
 type Activity (phase: string, build: ?Build, done: int, total: int)
 
+type HoldInfo (reason: string, since: string)
+
 method GetStatus() -> (app: string, channel: string, release: string,
   next_boot: Build, last_booted: ?Build, currently_booting: ?Build,
   builds: []BuildInfo, activity: Activity,
-  last_check: ?string, next_check: ?string, last_error: ?string)
+  last_check: ?string, next_check: ?string, last_error: ?string,
+  hold: ?HoldInfo)
 method GetBootTarget() -> (build: Build, path: string)
 method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()
 method BootFailure(build: ?Build, reason: ?string) -> ()
-method CheckNow() -> (strategy: string, build: ?Build)
-method Install(path: string) -> (build: Build)
+method CheckNow() -> (strategy: string, build: ?Build, held: ?bool)
+method Install(path: string, hold: ?bool) -> (build: Build)
 method Rollback() -> (build: Build)
+method Hold(reason: ?string) -> (hold: HoldInfo)
+method Unhold() -> (lifted: ?HoldInfo)
+method Unmark(build: Build) -> ()
 method WatchActivity() -> (activity: Activity)
 
 error NotAuthorized (method: string)
@@ -61,6 +67,8 @@ error NotBootTarget (expected: Build, got: Build)
 error Busy (activity: Activity)
 error UpdateFailed (reason: string, transient: bool)
 error InvalidBundle (reason: string)
+error NotMarkedBad (build: Build, state: ?string)
+error DowngradeRefused (build: Build, newer: Build)
 """
 
 
@@ -191,8 +199,8 @@ def test_introspection_of_the_real_daemon(env: Env) -> None:
     assert interfaces == info["interfaces"] == ["org.varlink.service", UPDATER]
     assert info["vendor"] == "patchd" and info["product"] == "patchd" and info["version"]
     assert description == SPECIFIED_INTERFACE
-    assert members[-5:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
-                            "InvalidBundle"]
+    assert members[-7:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
+                            "InvalidBundle", "NotMarkedBad", "DowngradeRefused"]
 
 
 # --- every method ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The CLI's client side: status, watch, check, install, rollback, boot.
+"""The CLI's client side: status, watch, check, install, rollback, hold, unhold, unmark,
+boot.
 
 Each command is one or two varlink calls through the blocking client; every failure is
 one line on stderr (the CLI's main prints ``PatchdError`` messages); an error reply
@@ -25,6 +26,7 @@ from patchd.core.errors import (
     SocketAccessDenied,
     UsageError,
 )
+from patchd.core.model import MAX_HOLD_REASON
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink import ClientError as VarlinkClientError
 from patchd.varlink import ConnectFailed, VarlinkClient, VarlinkError
@@ -90,12 +92,12 @@ def _build(obj: Any) -> str:
     return f"{obj.get('release')}+{obj.get('patch')}"
 
 
-def parse_build(text: str | None) -> dict[str, Any] | None:
+def parse_build(text: str | None, what: str = "--build") -> dict[str, Any] | None:
     if text is None:
         return None
     release, sep, patch = text.rpartition("+")
     if not sep or not patch.isdigit() or not release:
-        raise UsageError(f"--build must look like RELEASE+PATCH (e.g. 1.4.0+3), got {text!r}")
+        raise UsageError(f"{what} must look like RELEASE+PATCH (e.g. 1.4.0+3), got {text!r}")
     return {"release": release, "patch": int(patch)}
 
 
@@ -125,6 +127,8 @@ def status(args: argparse.Namespace) -> int:
           f"; next check: {reply.get('next_check') or 'unscheduled'}")
     if reply.get("last_error"):
         print(f"  last error:   {reply['last_error']}")
+    if reply.get("hold"):
+        print(f"  hold:         {_hold_text(reply['hold'])} (patchd unhold lifts it)")
     if reply["builds"]:
         print("  builds:")
         for info in reply["builds"]:
@@ -156,6 +160,10 @@ def check(args: argparse.Namespace) -> int:
     if strategy == "none":
         print("up to date: no update")
         return 0
+    if reply.get("held"):
+        print(f"held: {strategy} update to {_build(build)} not installed "
+              "(patchd unhold lifts the hold)")
+        return 0
     print(f"{strategy} update to {_build(build)}")
     if not args.wait:
         return 0
@@ -175,14 +183,53 @@ def install(args: argparse.Namespace) -> int:
     bundle_path = Path(bundle).resolve()
     if not bundle_path.is_file():
         raise UsageError(f"no such bundle file: {bundle}")
-    reply = call(socket_path(app, args.socket), "Install", {"path": str(bundle_path)})
-    print(f"installed {_build(reply['build'])}; it boots at the next start")
+    params: dict[str, Any] = {"path": str(bundle_path)}
+    if args.hold:
+        params["hold"] = True
+    reply = call(socket_path(app, args.socket), "Install", params)
+    held = "; the host is held on it (patchd unhold lifts it)" if args.hold else ""
+    print(f"installed {_build(reply['build'])}; it boots at the next start{held}")
     return 0
 
 
 def rollback(args: argparse.Namespace) -> int:
     reply = call(socket_path(args.app, args.socket), "Rollback")
     print(f"rolled back; next boot is {_build(reply['build'])}")
+    return 0
+
+
+def _hold_text(hold: dict[str, Any]) -> str:
+    reason = hold.get("reason") or ""
+    return f"held since {hold.get('since') or 'unknown'}" + (f": {reason}" if reason else "")
+
+
+def hold(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.reason is not None:
+        if len(args.reason) > MAX_HOLD_REASON or not args.reason.isprintable():
+            raise UsageError(f"--reason must be one printable line of at most "
+                             f"{MAX_HOLD_REASON} characters")
+        params["reason"] = args.reason
+    reply = call(socket_path(args.app, args.socket), "Hold", params)
+    print(f"{_hold_text(reply['hold'])}; checks go on, nothing is installed until "
+          "patchd unhold")
+    return 0
+
+
+def unhold(args: argparse.Namespace) -> int:
+    reply = call(socket_path(args.app, args.socket), "Unhold")
+    lifted = reply.get("lifted")
+    print(f"hold lifted (was {_hold_text(lifted)})" if lifted else "not held")
+    return 0
+
+
+def unmark(args: argparse.Namespace) -> int:
+    if len(args.args) > 2:
+        raise UsageError("unmark takes [APP] BUILD")
+    app, text = (None, args.args[0]) if len(args.args) == 1 else args.args
+    build = parse_build(text, "BUILD")
+    call(socket_path(app, args.socket), "Unmark", {"build": build})
+    print(f"tombstone of {_build(build)} lifted; the next check may install it")
     return 0
 
 

@@ -96,6 +96,10 @@ class BadReason(StrEnum):
     MANUAL = "manual"
 
 
+#: The longest reason an operator may give a hold (characters, one printable line).
+MAX_HOLD_REASON = 200
+
+
 def utc_now_text() -> str:
     """RFC 3339 UTC timestamp with second precision, as used in every state file."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
