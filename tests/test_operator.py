@@ -17,6 +17,18 @@ from typing import Any
 
 import pytest
 
+from patchd.state import (
+    Accepted,
+    ClientState,
+    Hold,
+    Layout,
+    accepted,
+    load_client_state,
+    read_hold,
+    remove_hold,
+    save_client_state,
+    write_hold,
+)
 from patchd.varlink import VarlinkError
 from support.cli import run_patchd
 from support.daemon import DaemonProcess, Publisher, state_of
@@ -76,17 +88,27 @@ def events(d: DaemonProcess) -> list[dict[str, Any]]:
     return list(doc["events"])
 
 
-def log_events(d: DaemonProcess, name: str) -> list[dict[str, Any]]:
-    """The daemon's JSON log records for event ``name``."""
+def log_records(d: DaemonProcess) -> list[dict[str, Any]]:
+    """The daemon's JSON log records."""
     out = []
     for line in d.log().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("event") == name:
+        if isinstance(record, dict):
             out.append(record)
     return out
+
+
+def log_events(d: DaemonProcess, name: str) -> list[dict[str, Any]]:
+    return [r for r in log_records(d) if r.get("event") == name]
+
+
+def no_errors_logged(d: DaemonProcess) -> None:
+    """A normal flow: nothing at error level or above in the daemon's log."""
+    bad = [r for r in log_records(d) if r.get("level") in ("error", "critical")]
+    assert not bad, bad
 
 
 # --- item 2: channels --------------------------------------------------------------------
@@ -213,6 +235,7 @@ def test_a_held_host_checks_but_installs_nothing_until_unhold(env: Env) -> None:
     status = d.status()
     assert status["next_boot"] == b(1) and state_of(status, R, 2) is None
     assert not list((d.cache_dir / "downloads").iterdir())
+    assert not log_events(d, "update.held")  # no update was even started
 
     d.stop()
     d.start()
@@ -230,6 +253,7 @@ def test_a_held_host_checks_but_installs_nothing_until_unhold(env: Env) -> None:
     d.wait_status(lambda s: s["next_boot"] == b(2), "patch 2 installed after unhold")
     types = [(e["type"], e["message"]) for e in events(d) if e["type"] in ("hold", "unhold")]
     assert types == [("hold", "trade show until Friday"), ("unhold", "trade show until Friday")]
+    no_errors_logged(d)
 
 
 def test_a_hold_stops_a_download_under_way_and_keeps_its_bytes(http_env: Env) -> None:
@@ -294,6 +318,7 @@ def test_unmark_lifts_a_tombstone_for_admins_only(env: Env) -> None:
     assert one_line_error(patchd(d, "unmark", f"{R}+9")) == (
         "1.4.0+9 is not marked bad (this host has no state for it); "
         "there is no tombstone to lift")
+    no_errors_logged(d)
 
 
 # --- item 4: install of an older build ------------------------------------------------------
@@ -313,7 +338,8 @@ def test_installing_an_older_build_needs_hold_and_the_hold_keeps_it(env: Env) ->
         "next check; install with --hold to keep it on 1.4.0+2")
     status = d.status()
     assert status["next_boot"] == b(3) and state_of(status, R, 2) is None
-    assert status["hold"] is None
+    assert status["hold"] is None and status["last_error"] is None
+    assert [r["level"] for r in log_events(d, "install.downgrade_refused")] == ["warning"]
 
     assert ok(patchd(d, "install", "--hold", bundle)) == (
         "installed 1.4.0+2; it boots at the next start; the host is held on it "
@@ -326,6 +352,7 @@ def test_installing_an_older_build_needs_hold_and_the_hold_keeps_it(env: Env) ->
     d.start()
     assert d.call("CheckNow")["held"] is True
     assert d.status()["next_boot"] == b(2)
+    no_errors_logged(d)
 
 
 def test_the_last_manifest_also_counts_and_a_failed_held_install_lifts_its_hold(
@@ -353,3 +380,41 @@ def test_the_last_manifest_also_counts_and_a_failed_held_install_lifts_its_hold(
     assert status["next_boot"] == b(2) and status["hold"] is not None
     assert [e["type"] for e in events(d) if e["type"] in ("hold", "unhold")] == [
         "hold", "unhold", "hold", "unhold", "hold"]
+
+
+# --- the state files themselves --------------------------------------------------------------
+
+
+def test_client_json_forms(tmp_path: Path) -> None:
+    """The per-channel form round-trips; the old form becomes the given channel's record
+    and is rewritten at once; records of the wrong shape are dropped, not fatal."""
+    layout = Layout(tmp_path, tmp_path / "cache")
+    layout.client.write_text(json.dumps({"client_id": "c1", "manifest_serial": 7,
+                                         "manifest_sha256": "ab" * 32, "validators": {}}))
+    state = load_client_state(layout, "beta")
+    assert state.channel("beta") == Accepted(7, "ab" * 32, {})
+    assert state.channel("stable") == Accepted()
+    assert json.loads(layout.client.read_text()) == {"client_id": "c1", "channels": {
+        "beta": {"manifest_serial": 7, "manifest_sha256": "ab" * 32, "validators": {}}}}
+
+    state = accepted(state, "stable", 3, "cd" * 32, {"etag": '"e"'})
+    save_client_state(layout, state)
+    again = load_client_state(layout, "whatever")
+    assert again == state and again.channel("beta").serial == 7
+
+    layout.client.write_text(json.dumps({"client_id": "c1", "channels": {
+        "beta": "junk", "stable": {"manifest_serial": True, "validators": {"etag": 1}}}}))
+    assert load_client_state(layout, "beta") == ClientState("c1", {"stable": Accepted()})
+
+
+def test_a_damaged_hold_file_still_holds(tmp_path: Path) -> None:
+    """hold.json that does not parse counts as held (never as "install everything")."""
+    layout = Layout(tmp_path, tmp_path / "cache")
+    assert read_hold(layout) is None
+    write_hold(layout, Hold("r", "2025-06-02T09:15:12Z"))
+    assert read_hold(layout) == Hold("r", "2025-06-02T09:15:12Z")
+    layout.hold.write_text("{not json")
+    damaged = read_hold(layout)
+    assert damaged is not None and "unreadable" in damaged.reason
+    remove_hold(layout)
+    assert read_hold(layout) is None and not layout.hold.exists()

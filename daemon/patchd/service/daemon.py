@@ -26,6 +26,7 @@ from patchd.core.errors import (
     BundleInvalid,
     ConfigError,
     PatchdError,
+    Refused,
     UsageError,
 )
 from patchd.core.model import Bad, Build, Installed, release_newer
@@ -132,6 +133,8 @@ class Daemon:
             build, kind = self._local_build(path, header)
             try:
                 await self.updater.install_local(path, build, kind, job, hold)
+            except Refused:
+                raise  # an older build without --hold: the operator is told, nothing failed
             except Exception as exc:
                 self.checks.record_error(exc)
                 if isinstance(exc, OSError):

@@ -325,6 +325,7 @@ class Updater:
         """
         newer = self.newer_choice(build)
         if newer is not None and not hold and self.hold is None:
+            log.warning("install.downgrade_refused", build=str(build), newer=str(newer))
             raise DowngradeRefused(build, newer)
         before = self.hold
         if hold:
