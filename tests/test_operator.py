@@ -213,8 +213,9 @@ def test_an_old_client_json_keeps_its_serial_for_the_configured_channel(env: Env
 
 
 def test_a_held_host_checks_but_installs_nothing_until_unhold(env: Env) -> None:
-    """hold --reason: a newer patch is decided but not downloaded, across a restart;
-    status (CLI and GetStatus), STATUS= and the journal show the hold; unhold installs."""
+    """hold --reason: a newer patch is decided but not downloaded and a server rollback
+    of the held build is not applied, across a restart; status (CLI and GetStatus),
+    STATUS= and the journal show the hold; unhold installs."""
     env.publisher.publish(env.patch(1))
     d = env.daemon()
     d.check_and_wait()
@@ -231,11 +232,15 @@ def test_a_held_host_checks_but_installs_nothing_until_unhold(env: Env) -> None:
     assert d.call("CheckNow") == {"strategy": "patch", "build": b(2), "held": True}
     assert ok(patchd(d, "check")) == (
         "held: patch update to 1.4.0+2 not installed (patchd unhold lifts the hold)\n")
-    assert [r["build"] for r in log_events(d, "check.held")] == [f"{R}+2", f"{R}+2"]
+    assert [r["build"] for r in log_events(d, "check.held")] == [f"{R}+2"] * 2
     status = d.status()
     assert status["next_boot"] == b(1) and state_of(status, R, 2) is None
     assert not list((d.cache_dir / "downloads").iterdir())
     assert not log_events(d, "update.held")  # no update was even started
+    env.publisher.roll_back(R, 1)  # the server withdraws what the host is held on: kept
+    assert d.call("CheckNow")["held"] is True
+    assert state_of(d.status(), R, 1) == "installed" and d.status()["next_boot"] == b(1)
+    assert [r["patch"] for r in log_events(d, "update.rollback_held")] == [1]
 
     d.stop()
     d.start()

@@ -242,13 +242,6 @@ class Updater:
             self.events.add("unhold", None, lifted.reason)
         return lifted
 
-    async def _restore_hold(self, before: Hold | None) -> None:
-        if before is None:
-            await self.lift_hold()
-        else:
-            await anyio.to_thread.run_sync(write_hold, self.lifecycle.layout, before)
-            self.hold = before
-
     # --- perform ---------------------------------------------------------------------
 
     async def perform(self, decision: Decision, source: Source, job: Progress) -> None:
@@ -319,23 +312,23 @@ class Updater:
         """Offline install of a bundle file the operator handed us (``Install``).
 
         A build older than the one this host would move to by itself is refused unless
-        ``hold`` (or a hold already placed) keeps the next check from undoing it. The
-        hold is placed before the install, so no crash leaves the build unheld; a
-        failed install puts the hold back as it was.
+        ``hold`` (or a hold already placed) keeps the next check from undoing it. A new
+        hold is placed before the install, so no crash leaves the build unheld, and is
+        lifted again if the install fails; a hold already placed stays as it is.
         """
         newer = self.newer_choice(build)
         if newer is not None and not hold and self.hold is None:
             log.warning("install.downgrade_refused", build=str(build), newer=str(newer))
             raise DowngradeRefused(build, newer)
-        before = self.hold
-        if hold:
+        placed = hold and self.hold is None
+        if placed:
             await self.place_hold(f"installed {build} with install --hold")
         try:
             await self._install(build, kind, path, job)
         except BaseException as exc:
-            if hold:
+            if placed:
                 with anyio.CancelScope(shield=True):
-                    await self._restore_hold(before)
+                    await self.lift_hold()
             if isinstance(exc, BadInputError):
                 with self.lifecycle.lock:
                     self.lifecycle.record_install_aborted(build)
