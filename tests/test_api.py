@@ -43,17 +43,23 @@ type BuildInfo (build: Build, state: string, reason: ?string, size: ?int)
 
 type Activity (phase: string, build: ?Build, done: int, total: int)
 
+type HoldInfo (reason: string, since: string)
+
 method GetStatus() -> (app: string, channel: string, release: string,
   next_boot: Build, last_booted: ?Build, currently_booting: ?Build,
   builds: []BuildInfo, activity: Activity,
-  last_check: ?string, next_check: ?string, last_error: ?string)
+  last_check: ?string, next_check: ?string, last_error: ?string,
+  hold: ?HoldInfo)
 method GetBootTarget() -> (build: Build, path: string)
 method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()
 method BootFailure(build: ?Build, reason: ?string) -> ()
-method CheckNow() -> (strategy: string, build: ?Build)
-method Install(path: ?string, fd: ?int) -> (build: Build)
+method CheckNow() -> (strategy: string, build: ?Build, held: ?bool)
+method Install(path: ?string, fd: ?int, hold: ?bool) -> (build: Build)
 method Rollback() -> (build: Build)
+method Hold(reason: ?string) -> (hold: HoldInfo)
+method Unhold() -> (lifted: ?HoldInfo)
+method Unmark(build: Build) -> ()
 method WatchActivity() -> (activity: Activity)
 
 error NotAuthorized (method: string)
@@ -64,6 +70,8 @@ error InvalidBundle (reason: string)
 error NoBootInProgress (reason: string)
 error RollbackRefused (reason: string)
 error StateConflict (reason: string)
+error NotMarkedBad (build: Build, state: ?string)
+error DowngradeRefused (build: Build, newer: Build)
 """
 
 
@@ -194,9 +202,9 @@ def test_introspection_of_the_real_daemon(env: Env) -> None:
     assert interfaces == info["interfaces"] == ["org.varlink.service", UPDATER]
     assert info["vendor"] == "patchd" and info["product"] == "patchd" and info["version"]
     assert description == SPECIFIED_INTERFACE
-    assert members[-8:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
-                            "InvalidBundle", "NoBootInProgress", "RollbackRefused",
-                            "StateConflict"]
+    assert members[-10:] == ["NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed",
+                             "InvalidBundle", "NoBootInProgress", "RollbackRefused",
+                             "StateConflict", "NotMarkedBad", "DowngradeRefused"]
 
 
 # --- every method ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from patchd.cli.main import build_parser
+from patchd.service.interface import INTERFACE_TEXT
 from support.daemon import DaemonProcess, Publisher, state_of, write_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,9 +209,16 @@ def test_every_cli_command_is_documented() -> None:
     used = {" ".join(args[:2]) if args[:1] in (["boot"], ["config"], ["root"]) else args[0]
             for _, args in documented_commands() if args}
     expected = {"run", "config check", "status", "watch", "check", "install", "rollback",
-                "boot-target", "boot start", "boot success", "boot failure", "keygen", "pack",
-                "publish", "root create", "root sign", "demo"}
+                "hold", "unhold", "unmark", "boot-target", "boot start", "boot success",
+                "boot failure", "keygen", "pack", "publish", "root create", "root sign", "demo"}
     assert expected <= used, f"undocumented: {sorted(expected - used)}"
+
+
+def test_socket_md_states_the_served_interface() -> None:
+    """The varlink block of docs/socket.md is the interface the daemon serves, verbatim."""
+    text = (DOCS / "socket.md").read_text()
+    blocks = re.findall(r"```varlink\n(.*?)```", text, flags=re.S)
+    assert blocks == [INTERFACE_TEXT]
 
 
 # --- the Python snippet against a real daemon --------------------------------------------

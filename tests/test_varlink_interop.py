@@ -103,11 +103,12 @@ async def test_updater_interface_members(sockdir: Path) -> None:
     async with running(updater_service(), path):
         members = await in_thread(query)
     assert members == [
-        "Build", "BuildInfo", "Activity",
+        "Build", "BuildInfo", "Activity", "HoldInfo",
         "GetStatus", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
-        "CheckNow", "Install", "Rollback", "WatchActivity",
+        "CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark", "WatchActivity",
         "NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed", "InvalidBundle",
         "NoBootInProgress", "RollbackRefused", "StateConflict",
+        "NotMarkedBad", "DowngradeRefused",
     ]  # fmt: skip
 
 

@@ -87,7 +87,7 @@ class Arena:
 
     def accepted_serial(self) -> int:
         client = json.loads((self.d.state_dir / "client.json").read_text())
-        return int(client.get("manifest_serial") or 0)
+        return int(client.get("channels", {}).get("stable", {}).get("manifest_serial") or 0)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The CLI's client side: status, watch, check, install, rollback, boot.
+"""The CLI's client side: status, watch, check, install, rollback, hold, unhold, unmark,
+boot.
 
 Each command is one or two varlink calls through the blocking client; every failure is
 one line on stderr (the CLI's main prints ``PatchdError`` messages); an error reply
@@ -26,6 +27,7 @@ from patchd.core.errors import (
     SocketAccessDenied,
     UsageError,
 )
+from patchd.core.model import MAX_HOLD_REASON
 from patchd.core.text import printable
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink import ClientError as VarlinkClientError
@@ -92,12 +94,12 @@ def _build(obj: Any) -> str:
     return f"{obj.get('release')}+{obj.get('patch')}"
 
 
-def parse_build(text: str | None) -> dict[str, Any] | None:
+def parse_build(text: str | None, what: str = "--build") -> dict[str, Any] | None:
     if text is None:
         return None
     release, sep, patch = text.rpartition("+")
     if not sep or not patch.isdigit() or not release:
-        raise UsageError(f"--build must look like RELEASE+PATCH (e.g. 1.4.0+3), got {text!r}")
+        raise UsageError(f"{what} must look like RELEASE+PATCH (e.g. 1.4.0+3), got {text!r}")
     return {"release": release, "patch": int(patch)}
 
 
@@ -127,6 +129,8 @@ def status(args: argparse.Namespace) -> int:
           f"; next check: {reply.get('next_check') or 'unscheduled'}")
     if reply.get("last_error"):
         print(f"  last error:   {printable(reply['last_error'])}")
+    if reply.get("hold"):
+        print(f"  hold:         {_hold_text(reply['hold'])} (patchd unhold lifts it)")
     if reply["builds"]:
         print("  builds:")
         for info in reply["builds"]:
@@ -161,6 +165,10 @@ def check(args: argparse.Namespace) -> int:
     if strategy == "none":
         print("up to date: no update")
         return 0
+    if reply.get("held"):
+        print(f"held: {strategy} update to {_build(build)} not installed "
+              "(patchd unhold lifts the hold)")
+        return 0
     print(f"{strategy} update to {_build(build)}")
     if not args.wait:
         return 0
@@ -183,19 +191,58 @@ def install(args: argparse.Namespace) -> int:
         fd = os.open(bundle, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise UsageError(f"cannot open bundle file {bundle}: {exc.strerror}") from None
+    params: dict[str, Any] = {"fd": 0}
+    if args.hold:
+        params["hold"] = True
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UsageError(f"{bundle} is not a regular file")
-        reply = call(socket_path(app, args.socket), "Install", {"fd": 0}, fds=(fd,))
+        reply = call(socket_path(app, args.socket), "Install", params, fds=(fd,))
     finally:
         os.close(fd)
-    print(f"installed {_build(reply['build'])}; it boots at the next start")
+    held = "; the host is held on it (patchd unhold lifts it)" if args.hold else ""
+    print(f"installed {_build(reply['build'])}; it boots at the next start{held}")
     return 0
 
 
 def rollback(args: argparse.Namespace) -> int:
     reply = call(socket_path(args.app, args.socket), "Rollback")
     print(f"rolled back; next boot is {_build(reply['build'])}")
+    return 0
+
+
+def _hold_text(hold: dict[str, Any]) -> str:
+    reason = hold.get("reason") or ""
+    return f"held since {hold.get('since') or 'unknown'}" + (f": {reason}" if reason else "")
+
+
+def hold(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.reason is not None:
+        if len(args.reason) > MAX_HOLD_REASON or not args.reason.isprintable():
+            raise UsageError(f"--reason must be one printable line of at most "
+                             f"{MAX_HOLD_REASON} characters")
+        params["reason"] = args.reason
+    reply = call(socket_path(args.app, args.socket), "Hold", params)
+    print(f"{_hold_text(reply['hold'])}; checks go on, nothing is installed until "
+          "patchd unhold")
+    return 0
+
+
+def unhold(args: argparse.Namespace) -> int:
+    reply = call(socket_path(args.app, args.socket), "Unhold")
+    lifted = reply.get("lifted")
+    print(f"hold lifted (was {_hold_text(lifted)})" if lifted else "not held")
+    return 0
+
+
+def unmark(args: argparse.Namespace) -> int:
+    if len(args.args) > 2:
+        raise UsageError("unmark takes [APP] BUILD")
+    app, text = (None, args.args[0]) if len(args.args) == 1 else args.args
+    build = parse_build(text, "BUILD")
+    call(socket_path(app, args.socket), "Unmark", {"build": build})
+    print(f"tombstone of {_build(build)} lifted; the next check may install it")
     return 0
 
 

@@ -29,6 +29,9 @@ HANDLERS: dict[str, str] = {
     "check": "patchd.cli.client:check",
     "install": "patchd.cli.client:install",
     "rollback": "patchd.cli.client:rollback",
+    "hold": "patchd.cli.client:hold",
+    "unhold": "patchd.cli.client:unhold",
+    "unmark": "patchd.cli.client:unmark",
     "boot-target": "patchd.cli.client:boot_target",
     "boot start": "patchd.cli.client:boot_start",
     "boot success": "patchd.cli.client:boot_success",
@@ -100,9 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="+", metavar="[APP] BUNDLE",
                    help="the app instance (optional) and the bundle file")
     p.add_argument("--socket", type=Path, help="talk to this socket instead")
+    p.add_argument("--hold", action="store_true",
+                   help="hold the host on this build (needed for one older than the "
+                        "host would move to by itself)")
 
     p = sub.add_parser("rollback", help="mark next_boot bad and fall back")
     _add_app(p)
+
+    p = sub.add_parser("hold", help="keep checking, install nothing until unhold")
+    _add_app(p)
+    p.add_argument("--reason", help="why, shown in status and the journal")
+
+    p = sub.add_parser("unhold", help="lift the hold: checks install again")
+    _add_app(p)
+
+    p = sub.add_parser("unmark", help="lift a build's tombstone so it may install again")
+    p.add_argument("args", nargs="+", metavar="[APP] BUILD",
+                   help="the build, as RELEASE+PATCH (e.g. 1.4.0+3)")
+    p.add_argument("--socket", type=Path, help="talk to this socket instead")
 
     p = sub.add_parser("boot-target", help="print the tree path to boot")
     _add_app(p)

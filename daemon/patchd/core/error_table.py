@@ -17,10 +17,12 @@ from patchd.core.errors import (
     BadInputError,
     Busy,
     CommandFailed,
+    DowngradeRefused,
     LifecycleError,
     NoBootInProgress,
     NotAuthorized,
     NotBootTarget,
+    NotMarkedBad,
     PatchdError,
     RollbackRefused,
     TransientError,
@@ -84,6 +86,13 @@ def _update_failed_message(p: Mapping[str, Any]) -> str:
     return f"update failed ({kind}): {p.get('reason')}"
 
 
+def _not_marked_bad_message(p: Mapping[str, Any]) -> str:
+    state = p.get("state")
+    what = f"it is {state}" if state else "this host has no state for it"
+    return (f"{_build_text(p.get('build'))} is not marked bad ({what}); "
+            "there is no tombstone to lift")
+
+
 #: Most specific first: an error takes the first row one of whose classes it is.
 SOCKET_ERRORS: tuple[SocketError, ...] = (
     SocketError(
@@ -100,6 +109,16 @@ SOCKET_ERRORS: tuple[SocketError, ...] = (
         lambda e: {"expected": _build_json(e.expected), "got": _build_json(e.got)},
         lambda p: f"not the boot target: expected {_build_text(p.get('expected'))}, "
                   f"got {_build_text(p.get('got'))}"),
+    SocketError(
+        "NotMarkedBad", (NotMarkedBad,),
+        lambda e: {"build": _build_json(e.build), "state": e.state},
+        _not_marked_bad_message),
+    SocketError(
+        "DowngradeRefused", (DowngradeRefused,),
+        lambda e: {"build": _build_json(e.build), "newer": _build_json(e.newer)},
+        lambda p: f"refused: {_build_text(p.get('build'))} is older than "
+                  f"{_build_text(p.get('newer'))}, which this host would go back to at its "
+                  f"next check; install with --hold to keep it on {_build_text(p.get('build'))}"),
     SocketError(
         "NoBootInProgress", (NoBootInProgress,),
         lambda e: {"reason": str(e)},

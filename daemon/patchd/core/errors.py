@@ -43,10 +43,12 @@ The class of an error decides the policy, so the policy lives here and nowhere e
     │   ├── IllegalTransition       names the build, its state and the transition
     │   ├── NotBootTarget           the host reported another build than the boot target
     │   ├── NoBootInProgress        boot success/failure without a boot start
-    │   └── RollbackRefused         next boot is the release itself
+    │   ├── RollbackRefused         next boot is the release itself
+    │   └── NotMarkedBad            unmark of a build that has no tombstone
     ├── Refused                   a socket request the daemon will not carry out now
     │   ├── Busy                    another job changes state; names what it is doing
-    │   └── NotAuthorized           the caller's user may not call the method
+    │   ├── NotAuthorized           the caller's user may not call the method
+    │   └── DowngradeRefused        an install the next check would undo (no --hold)
     ├── ClientError               the CLI could not talk to the daemon
     │   ├── DaemonNotRunning        no socket, or nobody listens on it
     │   ├── SocketAccessDenied      the socket's mode or group keeps this user out
@@ -313,6 +315,17 @@ class RollbackRefused(LifecycleError):
     """A manual rollback was asked for while next_boot is already the release itself."""
 
 
+class NotMarkedBad(LifecycleError):
+    """``Unmark`` named a build that is not marked bad: there is no tombstone to lift."""
+
+    def __init__(self, build: Any, state: Any) -> None:
+        name = getattr(state, "name", None)
+        what = f"it is {name}" if name else "this host has no state for it"
+        super().__init__(f"{build} is not marked bad ({what}); there is no tombstone to lift")
+        self.build = build
+        self.state: str | None = name
+
+
 class InstallCancelled(Exception):
     """Raised by a ``check_cancelled`` hook to stop an install between two ops."""
 
@@ -338,6 +351,17 @@ class NotAuthorized(Refused):
     def __init__(self, method: str) -> None:
         super().__init__(f"not authorised to call {method}")
         self.method = method
+
+
+class DowngradeRefused(Refused):
+    """An operator's install of a build older than the one this host would move to by
+    itself: the next check would undo it, so it needs a hold (``install --hold``)."""
+
+    def __init__(self, build: Any, newer: Any) -> None:
+        super().__init__(f"{build} is older than {newer}, which this host would go back "
+                         f"to at its next check; install with --hold to keep it on {build}")
+        self.build = build
+        self.newer = newer
 
 
 # --- the CLI talking to the daemon ---------------------------------------------------------

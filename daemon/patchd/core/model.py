@@ -105,6 +105,10 @@ class BadReason(StrEnum):
     MANUAL = "manual"
 
 
+#: The longest reason an operator may give a hold (characters, one printable line).
+MAX_HOLD_REASON = 200
+
+
 def parse_rfc3339(value: object) -> datetime | None:
     """An RFC 3339 time with a zone (``2026-01-31T00:00:00Z``) in UTC; None otherwise.
 

@@ -34,7 +34,7 @@ from patchd.core.errors import (
     PatchdError,
     SocketInUse,
 )
-from patchd.core.model import Build
+from patchd.core.model import MAX_HOLD_REASON, Build
 from patchd.host import process
 from patchd.service.activity import ActivityBoard
 from patchd.service.incoming import receive_bundle
@@ -61,7 +61,7 @@ log = structlog.get_logger("patchd.service.api")
 
 ANYONE = frozenset({"GetStatus", "GetBootTarget", "WatchActivity"})
 REPORTERS = frozenset({"BootStart", "BootSuccess", "BootFailure"})
-ADMINS = frozenset({"CheckNow", "Install", "Rollback"})
+ADMINS = frozenset({"CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark"})
 #: WatchActivity sends at most this many replies a second.
 WATCH_MAX_RATE = 10.0
 
@@ -85,9 +85,13 @@ class Operations(Protocol):
     @property
     def boot(self) -> BootOperations: ...
     def status(self) -> dict[str, Any]: ...
+    def hold_info(self) -> dict[str, Any] | None: ...
     async def check_now(self) -> Decision: ...
-    async def install(self, path: Path) -> Build: ...
+    async def install(self, path: Path, hold: bool = False) -> Build: ...
     async def rollback(self) -> Build: ...
+    async def hold(self, reason: str) -> dict[str, Any]: ...
+    async def unhold(self) -> dict[str, Any] | None: ...
+    async def unmark(self, build: Build) -> None: ...
 
 
 @functools.lru_cache(maxsize=512)
@@ -172,13 +176,16 @@ class UpdaterApi:
     def methods(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
                 ("GetStatus", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
-                 "CheckNow", "Install", "Rollback", "WatchActivity")}
+                 "CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark",
+                 "WatchActivity")}
 
     def authorize(self, method: str, peer: PeerCred) -> bool:
         cfg = self.ops.config
         if not authorized(method, peer.uid, cfg.boot.reporters, cfg.api.admins, os.geteuid()):
             log.warning("api.not_authorized", method=method, uid=peer.uid, pid=peer.pid)
             raise _socket_error(NotAuthorized(method))
+        if method.rpartition(".")[2] in ADMINS:  # who changed what: one line per call
+            log.info("api.admin_call", method=method, uid=peer.uid, pid=peer.pid)
         return True
 
     @_answers_errors
@@ -217,12 +224,18 @@ class UpdaterApi:
     @_answers_errors
     async def CheckNow(self, call: Call) -> dict[str, Any]:
         decision = await self.ops.check_now()
-        return {"strategy": decision.kind,
-                "build": decision.build.to_json() if decision.build else None}
+        reply: dict[str, Any] = {"strategy": decision.kind,
+                                 "build": decision.build.to_json() if decision.build else None}
+        if self.ops.hold_info() is not None:
+            reply["held"] = True  # optional: absent when the decision is carried out
+        return reply
 
     @_answers_errors
     async def Install(self, call: Call) -> dict[str, Any]:
         index, path = call.parameters.get("fd"), call.parameters.get("path")
+        hold = call.parameters.get("hold")
+        if hold is not None and not isinstance(hold, bool):
+            raise InvalidParameter("hold")
         if index is not None:
             if isinstance(index, bool) or not isinstance(index, int) or \
                     not 0 <= index < len(call.fds) or path is not None:
@@ -231,19 +244,41 @@ class UpdaterApi:
             received = await anyio.to_thread.run_sync(
                 receive_bundle, call.fds[index], cfg.paths.cache_dir, cfg.install.min_free)
             try:
-                build = await self.ops.install(received)
+                build = await self.ops.install(received, bool(hold))
             finally:
                 await anyio.to_thread.run_sync(functools.partial(received.unlink, missing_ok=True))
             return {"build": build.to_json()}
         if not isinstance(path, str) or not path.startswith("/"):
             raise InvalidParameter("path")
-        build = await self.ops.install(Path(path))
+        build = await self.ops.install(Path(path), bool(hold))
         return {"build": build.to_json()}
 
     @_answers_errors
     async def Rollback(self, call: Call) -> dict[str, Any]:
         build = await self.ops.rollback()
         return {"build": build.to_json()}
+
+    @_answers_errors
+    async def Hold(self, call: Call) -> dict[str, Any]:
+        reason = call.parameters.get("reason")
+        if reason is None:
+            reason = ""
+        # One printable line, bounded: it is echoed in status, STATUS= and the journal.
+        if not isinstance(reason, str) or len(reason) > MAX_HOLD_REASON \
+                or not reason.isprintable():
+            raise InvalidParameter("reason")
+        return {"hold": await self.ops.hold(reason)}
+
+    @_answers_errors
+    async def Unhold(self, call: Call) -> dict[str, Any]:
+        return {"lifted": await self.ops.unhold()}
+
+    @_answers_errors
+    async def Unmark(self, call: Call) -> dict[str, Any]:
+        build = build_param(call, required=True)
+        assert build is not None
+        await self.ops.unmark(build)
+        return {}
 
     async def WatchActivity(self, call: Call) -> AsyncIterator[dict[str, Any]]:
         board = self.ops.board

@@ -116,13 +116,16 @@ class Checker:
             log.warning("update.superseded", building=str(running.build),
                         decided=str(decision))
             await self.runner.cancel()
-        if decision.kind != "none" and decision.build is not None and self.runner.job is None:
+        hold = self.updater.hold  # a held host decides, logs it and does nothing
+        if decision.kind != "none" and decision.build is not None and self.runner.job is None \
+                and hold is None:
             size = decision.bundle.size if decision.bundle else 0
             self.runner.start("update", decision.build, self._update(decision),
                               Activity("downloading", decision.build, 0, size))
         running = self.runner.job
         self.update_job = running if running is not None and running.kind == "update" else None
-        log.info("check.decided", strategy=decision.kind,
+        log.info("check.held" if hold is not None and decision.build is not None
+                 else "check.decided", strategy=decision.kind,
                  build=str(decision.build) if decision.build else None)
         self._on_change()
         return decision

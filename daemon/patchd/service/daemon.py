@@ -27,6 +27,7 @@ from patchd.core.errors import (
     BundleInvalid,
     ConfigError,
     PatchdError,
+    Refused,
     UsageError,
 )
 from patchd.core.model import Bad, Build, Installed, release_newer
@@ -61,7 +62,7 @@ class Daemon:
         self.board = ActivityBoard()
         self.lifecycle = Lifecycle.open(config.paths.state_dir, config.paths.cache_dir,
                                         config.app.release_dir)
-        client = load_client_state(self.lifecycle.layout)
+        client = load_client_state(self.lifecycle.layout, config.server.channel)
         self.updater: Updater
         self.events = EventQueue(self.lifecycle.layout.events, app=config.app.name,
                                  channel=config.server.channel,
@@ -110,16 +111,22 @@ class Daemon:
                 "currently_booting": _optional(p.currently_booting),
                 "builds": builds, "activity": self.board.current.to_json(),
                 "last_check": self.checks.last_check, "next_check": self.checks.next_check,
-                "last_error": self.checks.last_error}
+                "last_error": self.checks.last_error, "hold": self.hold_info()}
+
+    def hold_info(self) -> dict[str, Any] | None:
+        hold = self.updater.hold
+        return hold.to_json() if hold is not None else None
 
     async def check_now(self) -> Decision:
         return await self.checks.check_now()
 
-    async def install(self, path: Path) -> Build:
+    async def install(self, path: Path, hold: bool = False) -> Build:
         """``Install``: an operator-supplied bundle, verified like any download.
 
         The header is read unverified only to learn which build it claims to be; the
         installer then verifies the signature and app/arch before writing anything.
+        ``hold``: hold the host on it (else an older build than the host would move to
+        by itself is refused).
         """
         async def work(job: Job) -> Build:
             try:
@@ -128,7 +135,9 @@ class Daemon:
                 raise BundleInvalid(f"{path}: {exc.strerror}") from exc
             build, kind = self._local_build(path, header)
             try:
-                await self.updater.install_local(path, build, kind, job)
+                await self.updater.install_local(path, build, kind, job, hold)
+            except Refused:
+                raise  # an older build without --hold: the operator is told, nothing failed
             except Exception as exc:
                 self.checks.record_error(exc)
                 if isinstance(exc, OSError):
@@ -168,6 +177,27 @@ class Daemon:
 
         return await self.runner.run("rollback", work, preempt_update=True)
 
+    async def hold(self, reason: str) -> dict[str, Any]:
+        """``Hold``: checks go on, nothing is installed; a running update stops (its
+        partial download is kept for after the hold)."""
+        hold = await self.updater.place_hold(reason)
+        await self.runner.cancel(only="update")
+        self._show_status()
+        self.wake_events()
+        return hold.to_json()
+
+    async def unhold(self) -> dict[str, Any] | None:
+        """``Unhold``: the next check installs what it decides again."""
+        lifted = await self.updater.lift_hold()
+        self._show_status()
+        self.wake_events()
+        return lifted.to_json() if lifted is not None else None
+
+    async def unmark(self, build: Build) -> None:
+        """``Unmark``: lift the build's tombstone (the lifecycle logs and queues it)."""
+        await anyio.to_thread.run_sync(self.lifecycle.unmark, build)  # may remove a tree
+        self.wake_events()
+
     # --- running -------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -195,6 +225,8 @@ class Daemon:
         if activity.phase != "idle":
             return activity.summary()
         line = f"idle; next boot {self.lifecycle.pointers.next_boot}"
+        if self.updater.hold is not None:
+            line = f"{self.updater.hold}; {line}"
         if self.checks.last_error:
             line += f"; last error: {self.checks.last_error}"
         return line[:200]

@@ -28,7 +28,8 @@ BATCH = 100
 MAX_RESPONSE = 64 * 1024
 #: Seconds one POST may take, answer included, whatever the collector trickles.
 SEND_DEADLINE = 30.0
-TYPES = ("download", "install", "install_failure", "boot_success", "boot_failure", "rollback")
+TYPES = ("download", "install", "install_failure", "boot_success", "boot_failure", "rollback",
+         "hold", "unhold", "unmark")
 
 
 class EventQueue:

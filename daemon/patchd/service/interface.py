@@ -18,17 +18,23 @@ type BuildInfo (build: Build, state: string, reason: ?string, size: ?int)
 
 type Activity (phase: string, build: ?Build, done: int, total: int)
 
+type HoldInfo (reason: string, since: string)
+
 method GetStatus() -> (app: string, channel: string, release: string,
   next_boot: Build, last_booted: ?Build, currently_booting: ?Build,
   builds: []BuildInfo, activity: Activity,
-  last_check: ?string, next_check: ?string, last_error: ?string)
+  last_check: ?string, next_check: ?string, last_error: ?string,
+  hold: ?HoldInfo)
 method GetBootTarget() -> (build: Build, path: string)
 method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()
 method BootFailure(build: ?Build, reason: ?string) -> ()
-method CheckNow() -> (strategy: string, build: ?Build)
-method Install(path: ?string, fd: ?int) -> (build: Build)
+method CheckNow() -> (strategy: string, build: ?Build, held: ?bool)
+method Install(path: ?string, fd: ?int, hold: ?bool) -> (build: Build)
 method Rollback() -> (build: Build)
+method Hold(reason: ?string) -> (hold: HoldInfo)
+method Unhold() -> (lifted: ?HoldInfo)
+method Unmark(build: Build) -> ()
 method WatchActivity() -> (activity: Activity)
 
 error NotAuthorized (method: string)
@@ -39,4 +45,6 @@ error InvalidBundle (reason: string)
 error NoBootInProgress (reason: string)
 error RollbackRefused (reason: string)
 error StateConflict (reason: string)
+error NotMarkedBad (build: Build, state: ?string)
+error DowngradeRefused (build: Build, newer: Build)
 """

@@ -11,6 +11,10 @@ transient): discarded and retried, never tombstoned. An operator's file
 good patch. Other errors leave by class: a
 ``TransientError`` kept whatever partial data there was, a ``ConfigError`` changed
 nothing.
+
+The operator's hold (``state/hold.py``) is the updater's too: a held host decides as
+always but performs nothing and forgets no server rollback; an install of a build
+older than the one the host would move to by itself needs one (``install --hold``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,26 @@ import structlog
 
 from patchd.build.install import InstallRequest, materialise
 from patchd.config import Config
-from patchd.core.errors import BadInputError, BundleHashMismatch, ManifestRootRollback
-from patchd.core.model import Bad, BadReason, Build
+from patchd.core.errors import (
+    BadInputError,
+    BundleHashMismatch,
+    DowngradeRefused,
+    ManifestRootRollback,
+)
+from patchd.core.model import Bad, BadReason, Build, utc_now_text
 from patchd.fetch.sources import Source
 from patchd.service.events import EventQueue
-from patchd.state import Action, ClientState, Lifecycle, accepted, save_client_state
+from patchd.state import (
+    Action,
+    ClientState,
+    Hold,
+    Lifecycle,
+    accepted,
+    read_hold,
+    remove_hold,
+    save_client_state,
+    write_hold,
+)
 from patchd.trust import (
     BundleRef,
     Decision,
@@ -72,10 +91,18 @@ class Updater:
         self.client = client
         self.events = events
         self._manifest: tuple[bytes, bytes] | None = None
+        #: The manifest the last check accepted, for what an install would be undone by.
+        self._verified: Manifest | None = None
         self._roots: RootKeeper | None = None
+        #: The operator's hold, as on disk (``hold.json``); None: not held.
+        self.hold: Hold | None = read_hold(lifecycle.layout)
+        if self.hold is not None:
+            log.warning("hold.active", reason=self.hold.reason, since=self.hold.since)
 
     def __repr__(self) -> str:
-        return f"<Updater {self.config.app.name} serial={self.client.manifest_serial}>"
+        channel = self.config.server.channel
+        return (f"<Updater {self.config.app.name} {channel} "
+                f"serial={self.client.channel(channel).serial}>")
 
     @property
     def roots(self) -> RootKeeper:
@@ -93,16 +120,21 @@ class Updater:
     def forget_manifest(self) -> None:
         """The next check fetches the manifest unconditionally (the source changed)."""
         self._manifest = None
+        self._verified = None
 
     # --- check -----------------------------------------------------------------------
 
     async def fetch_verified(self, source: Source) -> Manifest:
         """Fetch (conditionally) and verify the manifest; persist the accepted serial."""
-        validators = self.client.validators if self._manifest else None
+        # Serials are kept per channel (state/client_state.py): a switched channel
+        # starts at its own record, and the old channel's record stays for a way back.
+        channel = self.config.server.channel
+        known = self.client.channel(channel)
+        validators = known.validators if self._manifest else None
         fetched = await source.fetch_manifest(validators)
         if fetched is None and self._manifest is not None:
             data, sig = self._manifest  # 304: re-verify, it may have expired since
-            new_validators = self.client.validators
+            new_validators = known.validators
         else:
             if fetched is None:
                 fetched = await source.fetch_manifest(None)
@@ -122,20 +154,29 @@ class Updater:
         roots.check_current(now)
         manifest = await anyio.to_thread.run_sync(partial(
             verify_manifest, data, sig, self.trust, app=self.config.app.name,
-            channel=self.config.server.channel, min_serial=self.client.manifest_serial,
-            same_serial_sha256=self.client.manifest_sha256, now=now))
+            channel=channel, min_serial=known.serial, same_serial_sha256=known.sha256,
+            now=now))
         digest = hashlib.sha256(data).hexdigest()
         if (manifest.serial, digest, new_validators) != (
-                self.client.manifest_serial, self.client.manifest_sha256, self.client.validators):
-            self.client = accepted(self.client, manifest.serial, digest, new_validators)
+                known.serial, known.sha256, known.validators):
+            self.client = accepted(self.client, channel, manifest.serial, digest, new_validators)
             await anyio.to_thread.run_sync(save_client_state, self.lifecycle.layout, self.client)
         self._manifest = (data, sig)
+        self._verified = manifest
         return manifest
 
     def apply_rollbacks(self, manifest: Manifest) -> list[Build]:
-        """Forget builds the server rolled back; tombstones stay."""
-        forgotten = []
+        """Forget builds the server rolled back; tombstones stay. A held host forgets
+        nothing (the operator keeps it as it is); it logs what it keeps."""
+        forgotten: list[Build] = []
         with self.lifecycle.lock:
+            if self.hold is not None:
+                for build in rolled_back_builds(manifest, self.lifecycle.release):
+                    state = self.lifecycle.state(build)
+                    if state is not None and not isinstance(state, Bad):
+                        log.warning("update.rollback_held", release=build.release,
+                                    patch=build.patch, hold=self.hold.reason)
+                return forgotten
             for build in rolled_back_builds(manifest, self.lifecycle.release):
                 state = self.lifecycle.state(build)
                 if state is None or isinstance(state, Bad):
@@ -146,19 +187,20 @@ class Updater:
                             patch=build.patch)  # the lifecycle queues the event
         return forgotten
 
-    def decide(self, manifest: Manifest) -> Decision:
+    def decide(self, manifest: Manifest, next_boot: Build | None = None) -> Decision:
         """The strategy's decision; a tombstone recording a sha256 bans only that bundle.
 
         Builds whose tombstone bans the whole build are left out at once; a build
         tombstoned for other bytes is left out only when the manifest still names those
-        bytes for it (then the strategy is asked again without it).
+        bytes for it (then the strategy is asked again without it). ``next_boot``: ask
+        as if that build booted next (what would a check do after an install of it?).
         """
         with self.lifecycle.lock:
             pointers = self.lifecycle.pointers
             tombs = {b: s for b, s in self.lifecycle.builds() if isinstance(s, Bad)}
         bad = {b for b, s in tombs.items() if s.sha256 is None}
         while True:
-            view = HostView(release=pointers.release, next_boot=pointers.next_boot,
+            view = HostView(release=pointers.release, next_boot=next_boot or pointers.next_boot,
                             bad=frozenset(bad), arch=self.config.app.arch,
                             client_id=self.client.client_id,
                             full_upgrades=self.config.install.full_upgrades)
@@ -169,12 +211,50 @@ class Updater:
                 return decision
             bad.add(build)
 
+    def newer_choice(self, build: Build) -> Build | None:
+        """The build this host would move to by itself if ``build`` were next boot:
+        next boot when it is newer, else what the last accepted manifest offers above
+        ``build``; None when nothing would undo an install of ``build``."""
+        with self.lifecycle.lock:
+            next_boot = self.lifecycle.pointers.next_boot
+        if next_boot.sort_key() > build.sort_key():
+            return next_boot
+        if self._verified is None:
+            return None
+        return self.decide(self._verified, next_boot=build).build
+
+    # --- the operator's hold ---------------------------------------------------------
+
+    async def place_hold(self, reason: str) -> Hold:
+        """Hold the host (again: a new reason, the first ``since`` kept); durable."""
+        hold = Hold(reason, self.hold.since if self.hold is not None else utc_now_text())
+        await anyio.to_thread.run_sync(write_hold, self.lifecycle.layout, hold)
+        placed, self.hold = self.hold is None, hold
+        log.warning("hold.placed", reason=reason, since=hold.since)
+        if placed:
+            self.events.add("hold", None, reason)
+        return hold
+
+    async def lift_hold(self) -> Hold | None:
+        """Lift the hold, if any; the hold that was lifted."""
+        lifted = self.hold
+        await anyio.to_thread.run_sync(remove_hold, self.lifecycle.layout)
+        self.hold = None
+        if lifted is not None:
+            log.warning("hold.lifted", reason=lifted.reason, since=lifted.since)
+            self.events.add("unhold", None, lifted.reason)
+        return lifted
+
     # --- perform ---------------------------------------------------------------------
 
     async def perform(self, decision: Decision, source: Source, job: Progress) -> None:
         """Carry out a decision: fetch and install the build, then make it next boot."""
         build, ref = decision.build, decision.bundle
         if build is None or ref is None:
+            return
+        if self.hold is not None:  # placed after the check decided: nothing is done
+            log.info("update.held", release=build.release, patch=build.patch,
+                     hold=self.hold.reason)
             return
         url = source.resolve(ref.url)
         with self.lifecycle.lock:
@@ -231,13 +311,30 @@ class Updater:
         return dest
 
     async def install_local(self, path: Path, build: Build, kind: Literal["patch", "full"],
-                            job: Progress) -> None:
-        """Offline install of a bundle file the operator handed us (``Install``)."""
+                            job: Progress, hold: bool = False) -> None:
+        """Offline install of a bundle file the operator handed us (``Install``).
+
+        A build older than the one this host would move to by itself is refused unless
+        ``hold`` (or a hold already placed) keeps the next check from undoing it. A new
+        hold is placed before the install, so no crash leaves the build unheld, and is
+        lifted again if the install fails; a hold already placed stays as it is.
+        """
+        newer = self.newer_choice(build)
+        if newer is not None and not hold and self.hold is None:
+            log.warning("install.downgrade_refused", build=str(build), newer=str(newer))
+            raise DowngradeRefused(build, newer)
+        placed = hold and self.hold is None
+        if placed:
+            await self.place_hold(f"installed {build} with install --hold")
         try:
             await self._install(build, kind, path, job)
-        except BadInputError:
-            with self.lifecycle.lock:
-                self.lifecycle.record_install_aborted(build)
+        except BaseException as exc:
+            if placed:
+                with anyio.CancelScope(shield=True):
+                    await self.lift_hold()
+            if isinstance(exc, BadInputError):
+                with self.lifecycle.lock:
+                    self.lifecycle.record_install_aborted(build)
             raise
         self._promote(build)
         self.events.add("install", build)

@@ -2,8 +2,9 @@
 
 It holds the state of every build (``builds/R/N/state.json``), the boot pointers
 (``pointers.json``) and the ``current`` link, all owned by :class:`Lifecycle`; this
-host's identity and the last manifest it accepted (``client.json``, see
-:func:`load_client_state`); and the name of every path, in :class:`Layout`.
+host's identity and the last manifest it accepted on each channel (``client.json``, see
+:func:`load_client_state`); the operator's hold (``hold.json``, :class:`Hold`); and the
+name of every path, in :class:`Layout`.
 
 Pure and synchronous: no async, no network, nothing read but the state and cache
 directories, ``release_dir/VERSION`` and ``/proc`` (is a booting host alive?). Each
@@ -16,16 +17,19 @@ are tested without a state directory.
 
 Modules: ``layout`` (paths), ``pointers`` (``pointers.json`` and the pure decisions),
 ``store`` (one file read or written), ``view`` (the queries), ``lifecycle`` (the
-transitions), ``recovery`` (start-up), ``client_state`` (``client.json``). The model
+transitions), ``recovery`` (start-up), ``client_state`` (``client.json``), ``hold``
+(``hold.json``). The model
 types (``Build``, the states, ``BadReason``) live in :mod:`patchd.core.model`.
 """
 
 from patchd.state.client_state import (
+    Accepted,
     ClientState,
     accepted,
     load_client_state,
     save_client_state,
 )
+from patchd.state.hold import Hold, read_hold, remove_hold, write_hold
 from patchd.state.layout import OLD_TREE_PREFIX, DownloadFiles, Layout
 from patchd.state.lifecycle import (
     FAILPOINTS,
@@ -44,12 +48,14 @@ __all__ = [
     "MAX_INSTALL_ATTEMPTS",
     "OLD_TREE_PREFIX",
     "WRITE_SITES",
+    "Accepted",
     "Action",
     "AliveCheck",
     "ClientState",
     "Decision",
     "DownloadFiles",
     "EventHook",
+    "Hold",
     "Layout",
     "Lifecycle",
     "LifecycleView",
@@ -59,5 +65,8 @@ __all__ = [
     "choose_next_boot",
     "decide_download",
     "load_client_state",
+    "read_hold",
+    "remove_hold",
     "save_client_state",
+    "write_hold",
 ]

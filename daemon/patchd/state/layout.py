@@ -7,7 +7,8 @@ it. The tree it describes::
     state_dir/
       .lock                          flock: one process per state directory
       pointers.json                  the boot pointers (docs/lifecycle.md, plus "os_release")
-      client.json                    client id, accepted manifest serial and validators
+      client.json                    client id; per channel, accepted serial and validators
+      hold.json                      the operator's hold, while one is placed
       root.json                      the accepted root of trust and its bootstrap
       events.json                    events not yet delivered to the collector
       current -> builds/R/N/tree     next boot's tree (absolute path for release_dir)
@@ -42,6 +43,7 @@ __all__ = [
     "DOWNLOAD_META_SUFFIX",
     "DOWNLOAD_SUFFIX",
     "EVENTS_FILE",
+    "HOLD_FILE",
     "LOCK_FILE",
     "OLD_TREE_PREFIX",
     "POINTERS_FILE",
@@ -58,6 +60,7 @@ POINTERS_FILE = "pointers.json"
 CLIENT_FILE = "client.json"
 ROOT_FILE = "root.json"
 EVENTS_FILE = "events.json"
+HOLD_FILE = "hold.json"
 CURRENT_LINK = "current"
 BUILDS_DIR = "builds"
 STATE_FILE = "state.json"
@@ -127,6 +130,11 @@ class Layout:
     @property
     def events(self) -> Path:
         return self.state_dir / EVENTS_FILE
+
+    @property
+    def hold(self) -> Path:
+        """The operator's hold (``state.hold``); absent when the host is not held."""
+        return self.state_dir / HOLD_FILE
 
     @property
     def current(self) -> Path:

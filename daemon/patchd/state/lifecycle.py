@@ -28,6 +28,7 @@ from patchd.core.errors import (
     IllegalTransition,
     InstallLoop,
     NotBootTarget,
+    NotMarkedBad,
     RollbackRefused,
 )
 from patchd.core.model import (
@@ -397,6 +398,21 @@ class Lifecycle(LifecycleView):
         self.mark_bad(build, BadReason.MANUAL, "rolled back by an operator")
         self._emit("rollback", build, "rolled back by an operator")
         return self._pointers.next_boot
+
+    @locked
+    def unmark(self, build: Build) -> Bad:
+        """Operator: lift a tombstone. The build is forgotten, so the next check may
+        download and install it afresh; a tree kept for a host that may run it stays
+        until another build boots. Returns the tombstone lifted."""
+        state = self.state(build)
+        if not isinstance(state, Bad):
+            raise NotMarkedBad(build, state)
+        self._forget(build)
+        log.warning("lifecycle.unmarked", build=str(build), reason=state.reason.value,
+                    detail=state.detail)
+        self._emit("unmark", build, f"tombstone lifted by an operator (was "
+                                    f"{state.reason.value}: {state.detail})")
+        return state
 
     # --- internals ---
 
