@@ -140,6 +140,7 @@ def test_rollout_zero_not_taken_hundred_taken(env: Env) -> None:
 
 
 def _refused(d: DaemonProcess, needle: str) -> None:
+    d.expected_errors.add("check.failed")  # the refusal is the point
     with pytest.raises(VarlinkError) as info:
         d.call("CheckNow")
     assert info.value.name == "io.patchd.Updater.UpdateFailed"
@@ -191,6 +192,7 @@ def test_config_edit_changes_manifest_url_without_restart(env: Env) -> None:
     """Editing manifest_url takes effect live (watchfiles), with RELOADING=1 then READY=1."""
     d = env.daemon(extra='[server]\nmanifest_url = "' + env.nginx.url("nowhere/manifest.json")
                    + '"\n')
+    d.expected_errors.add("check.failed")  # checks against the 404 URL
     with pytest.raises(VarlinkError):
         d.call("CheckNow")
     mark = len(d.notifications)
@@ -208,6 +210,7 @@ def test_invalid_config_edit_keeps_old_config(env: Env) -> None:
     """An invalid edit is logged with its reason and the running config stays."""
     env.publisher.publish(env.patch(1))
     d = env.daemon()
+    d.expected_errors.add("config.reload_failed")  # the invalid edit
     mark = len(d.notifications)
     d.config_path.write_text(d.config_path.read_text() + "\n[bogus]\nx = 1\n")
     d.wait_notify("READY=1", after=d.wait_notify("RELOADING=1", after=mark))

@@ -49,6 +49,7 @@ def test_corrupt_transfer_is_retried_and_a_reissued_bundle_gets_a_fresh_try(
     repo.files["/b/2.patchd"] = bytes(flipped)
     repo.publish([(2, [repo.ref("/b/2.patchd", good)])])
     d = start_daemon(tmp_path, repo)
+    d.expected_errors.add("signature_invalid")  # patch 3's tombstone below
     assert d.call("CheckNow")["build"] == _build(2)
     failed = wait_event(d, "download.failed", where=lambda e: "manifest says" in e["error"])
     assert failed["url"] == repo.url("/b/2.patchd")
@@ -114,6 +115,7 @@ def test_hostile_event_collector_and_failing_tasks_never_stop_the_daemon(
     tasks = ("signals", "poll_loop", "event_sender", "watchdog", "config_watcher")
     d = start_daemon(tmp_path, repo, f'[server]\nevents_url = "{repo.url("/events")}"\n',
                      env={"PATCHD_TASK_FAULT": ",".join(tasks), "WATCHDOG_USEC": "2000000"})
+    d.expected_errors.add("task.failed")  # the injected faults
     assert d.proc is not None
     for task in tasks:
         failed = wait_event(d, "task.failed", where=lambda e, t=task: e["task"] == t)
