@@ -274,7 +274,7 @@ class Daemon:
             # The watch is set up asynchronously after READY=1; an edit made in that
             # window would go unseen, so compare the file once the watch surely runs.
             await anyio.sleep(1)
-            await self.reload("watch")
+            await self.reload("start")
 
         tg.start_soon(catch_early_edit)
         async for _changes in watchfiles.awatch(target.parent, watch_filter=only_config,
@@ -282,21 +282,23 @@ class Daemon:
                                                 stop_event=self._stop_watching):
             await self.reload("watch")
 
-    async def reload(self, trigger: Literal["signal", "watch"] = "signal") -> None:
+    async def reload(self, trigger: Literal["signal", "watch", "start"] = "signal") -> None:
         """Reload the config; an invalid one is logged and the old one kept.
 
         One change is handled once: editing the file and then ``systemctl reload``
-        (SIGHUP) both trigger, in either order. The watcher skips a file already read;
-        a SIGHUP always reads (files the config names may have changed) but a config
-        equal to the running one changes nothing and a file that failed already is
-        not reported at error level again.
+        (SIGHUP) both trigger, in either order. The watcher skips a file already read
+        (``trigger="start"`` is its silent look just after start); a SIGHUP always
+        reads (files the config names may have changed), but a config equal to the
+        running one changes nothing and a file that failed already is not reported at
+        error level again. Each outcome is logged with its trigger.
         """
         if self.config_path is None:
             return
         async with self._reload_lock:
             signature = _file_signature(self.config_path)
-            if trigger == "watch" and signature == self._config_signature:
-                log.debug("config.unchanged", trigger=trigger)
+            if trigger != "signal" and signature == self._config_signature:
+                (log.info if trigger == "watch" else log.debug)(
+                    "config.unchanged", trigger=trigger)
                 return
             self.notifier.reloading()
             try:
@@ -311,9 +313,11 @@ class Daemon:
             new = await anyio.to_thread.run_sync(load_config, path)
         except ConfigError as exc:
             if seen_before and self._reload_failed:
-                log.warning("config.still_invalid", error=str(exc), kept=self.config.source)
+                log.warning("config.still_invalid", error=str(exc), kept=self.config.source,
+                            trigger=trigger)
             else:
-                log.error("config.reload_failed", error=str(exc), kept=self.config.source)
+                log.error("config.reload_failed", error=str(exc), kept=self.config.source,
+                          trigger=trigger)
             self._reload_failed = True
             return
         self._reload_failed = False
