@@ -90,10 +90,19 @@ class Container:
                 start_new_session=True)
         deadline = time.monotonic() + timeout
         self.pid1 = self._wait_for_init(deadline)
-        state = self.run("systemctl is-system-running --wait", check=False,
-                         timeout=max(1, deadline - time.monotonic())).stdout.strip()
-        if state not in ("running", "degraded"):
-            raise AssertionError(f"container did not boot: {state}\n{self.console_tail()}")
+        while True:
+            # Until PID 1 listens on its private socket, systemctl fails at once; then
+            # --wait blocks until the boot has finished.
+            result = self.run("systemctl is-system-running --wait", check=False,
+                              timeout=max(1, deadline - time.monotonic()))
+            state = result.stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            if time.monotonic() > deadline or state not in ("", "offline", "initializing",
+                                                             "starting"):
+                raise AssertionError(f"container did not boot: {state} {result.stderr}\n"
+                                     f"{self.console_tail()}")
+            time.sleep(0.1)
 
     def _wait_for_init(self, deadline: float) -> int:
         """nspawn's child that is systemd: the container's PID 1, seen from here."""
@@ -190,18 +199,26 @@ class Container:
                                      f"{self.out(f'journalctl -n 30 --no-pager -u {unit}')}")
             time.sleep(0.1)
 
-    def journal(self, *match: str, cursor: str | None = None) -> list[dict[str, Any]]:
-        """Journal entries (journalctl -o json) matching ``match``, after ``cursor``."""
-        args = ["journalctl", "-o", "json", "--no-pager", *match]
+    def journal(self, cursor: str = "", **fields: str) -> list[dict[str, Any]]:
+        """Journal entries after ``cursor`` (all if empty) whose fields have the given
+        values. Matching is done here: journalctl 252 with both matches and
+        --after-cursor skips the first matching entry after the cursor."""
+        args = ["journalctl", "-o", "json", "--no-pager"]
         if cursor:
             args.append(f"--after-cursor={cursor}")
-        text = self.out(shlex.join(args))
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        entries = [json.loads(line) for line in self.out(shlex.join(args)).splitlines()
+                   if line.strip()]
+        return [e for e in entries if all(e.get(k) == v for k, v in fields.items())]
 
     def cursor(self) -> str:
-        """The journal's current end, for :meth:`journal` and :meth:`errors`."""
-        entries = self.journal("-n", "1")
-        return str(entries[-1]["__CURSOR"]) if entries else ""
+        """The journal's current end, for :meth:`journal`."""
+        text = self.out("journalctl -o json --no-pager -n 1")
+        return str(json.loads(text.splitlines()[-1])["__CURSOR"]) if text else ""
+
+    def errors(self, cursor: str) -> list[str]:
+        """MESSAGEs patchd wrote at error priority or worse after ``cursor``."""
+        return [str(e.get("MESSAGE", "")) for e in self.journal(cursor, SYSLOG_IDENTIFIER="patchd")
+                if int(e.get("PRIORITY", 6)) <= 3]
 
     @contextmanager
     def expect_errors(self, *expected: str, timeout: float = 10) -> Iterator[None]:
@@ -211,8 +228,7 @@ class Container:
         yield
         deadline = time.monotonic() + timeout
         while True:
-            found = [str(e.get("MESSAGE", "")) for e in
-                     self.journal("-p", "err", "SYSLOG_IDENTIFIER=patchd", cursor=start)]
+            found = self.errors(start)
             if len(found) >= len(expected) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
