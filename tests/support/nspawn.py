@@ -71,10 +71,11 @@ def build_rootfs(target: Path, log: Path) -> None:
 class Container:
     """One booted container over ``rootfs``; boot, run commands, reboot, stop."""
 
-    def __init__(self, rootfs: Path, console_log: Path, name: str = "patchd-e2e") -> None:
+    def __init__(self, rootfs: Path, console_log: Path, name: str | None = None) -> None:
         self.rootfs = rootfs
         self.console_log = console_log
-        self.name = name
+        # nspawn keeps /run/systemd/nspawn/propagate/NAME on the host while it runs.
+        self.name = name or f"patchd-e2e-{os.getpid()}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid1 = 0
 
