@@ -9,7 +9,8 @@ upgrade and purge. Each stage also asserts which error-priority lines patchd wro
 (`journalctl -p err`): none in a normal flow, exactly the expected ones otherwise.
 
 Runs as root with CI=true (.ci/run) or PATCHD_SYSTEMD_E2E=1; skips elsewhere, saying
-why. The whole module takes about three minutes (build and bootstrap included).
+why. Cold, the module takes 2-4 minutes: the bootstrap and the .deb build run side by
+side (0.5-3 min, depending on the mirror and the machine's load), the stages about one.
 """
 
 from __future__ import annotations
@@ -44,14 +45,14 @@ def _why_skip() -> str | None:
     if shutil.which("dpkg-deb") is None or not Path("/usr/bin/python3").exists():
         return "building the .deb needs dpkg-deb and Debian's /usr/bin/python3"
     if os.environ.get("CI") != "true" and os.environ.get("PATCHD_SYSTEMD_E2E") != "1":
-        return ("boots a Debian container (about 3 min, needs a Debian mirror): runs with "
+        return ("boots a Debian container (2-4 min, needs a Debian mirror): runs with "
                 "CI=true (.ci/run) or PATCHD_SYSTEMD_E2E=1")
     return None
 
 
 WHY_SKIP = _why_skip()
 pytestmark = [pytest.mark.skipif(WHY_SKIP is not None, reason=WHY_SKIP or ""),
-              pytest.mark.timeout(420)]
+              pytest.mark.timeout(600)]
 
 
 # --- the machine ------------------------------------------------------------------------
@@ -387,10 +388,10 @@ def wait_reload_outcomes(c: Container, cursor: str, timeout: float = 30) -> list
 
 
 def test_watchdog_kills_and_restarts_a_hung_daemon(c: Container) -> None:
-    """SIGSTOP the daemon: the watchdog (shortened to 4 s by a drop-in) kills it and
+    """SIGSTOP the daemon: the watchdog (shortened to 5 s by a drop-in) kills it and
     systemd starts a new one; the app keeps running."""
     drop_in = f"/etc/systemd/system/{UNIT}.d/watchdog.conf"
-    c.write(drop_in, "[Service]\nWatchdogSec=4s\n")
+    c.write(drop_in, "[Service]\nWatchdogSec=5s\n")
     c.run(f"systemctl daemon-reload && systemctl restart {UNIT}")
     before = c.show(UNIT, "MainPID", "NRestarts")
     app_pid = c.show(f"{APP}.service", "MainPID")["MainPID"]
