@@ -49,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"patchd: {message} (see '{self.prog} --help')\n")
+        sys.stderr.write(f"{_error_mark()}patchd: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
 
@@ -247,9 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PatchdError as exc:
         first, *rest = str(exc).splitlines() or [type(exc).__name__]
         # Messages may carry outside text (a server's reason, a file name): escaped.
-        sys.stderr.write(f"patchd: {printable(first, 2048)}\n")
+        mark = _error_mark()
+        sys.stderr.write(f"{mark}patchd: {printable(first, 2048)}\n")
         for line in rest:  # a config with several problems: one line each
-            sys.stderr.write(f"patchd: {printable(line, 2048)}\n")
+            sys.stderr.write(f"{mark}patchd: {printable(line, 2048)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -260,9 +261,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("PATCHD_DEBUG"):
             raise
-        sys.stderr.write(f"patchd: internal error: {type(exc).__name__}: {printable(exc)} "
+        sys.stderr.write(f"{_error_mark()}patchd: internal error: {type(exc).__name__}: "
+                         f"{printable(exc)} "
                          "(set PATCHD_DEBUG=1 for a traceback)\n")
         return 1
+
+
+def _error_mark() -> str:
+    """``<3>`` when stderr is connected to journald, else nothing.
+
+    Under systemd a failed start (a config error, the socket taken) is reported on
+    stderr, which journald records at the unit's default priority, info, so
+    ``journalctl -p err`` would not show it. journald reads a leading ``<N>`` as the
+    line's syslog priority (``SyslogLevelPrefix=``, on by default). ``JOURNAL_STREAM``
+    names the stream's device and inode; it is ours only if fd 2 is that stream
+    (sd_journal_stream_fd(3)), not when a child inherited the variable.
+    """
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return ""
+    return "<3>" if stream == f"{st.st_dev}:{st.st_ino}" else ""
 
 
 def usage_error(message: str) -> UsageError:

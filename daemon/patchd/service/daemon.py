@@ -11,6 +11,7 @@ business; this module schedules and reacts.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import signal
 from functools import partial
@@ -79,7 +80,14 @@ class Daemon:
                               on_error=self._show_status)
         self._wake_sender = anyio.Event()
         self._stop_watching = anyio.Event()
+        #: The config file as last read (start or reload): a change the watcher reports
+        #: that a SIGHUP already read, or the reverse, is handled once.
         self._config_signature = _file_signature(config_path) if config_path else None
+        self._reload_failed = False
+        self._reload_lock = anyio.Lock()
+        #: What keeps the host from working as configured though the daemon runs (an
+        #: unusable socket group); shown first in STATUS=, so `systemctl status` says it.
+        self.problems: list[str] = []
         self.board.listeners.append(lambda a: self._show_status())
 
     def __repr__(self) -> str:
@@ -208,6 +216,7 @@ class Daemon:
             self.boot.attach(tg)
             tg.start_soon(supervised, "signals", partial(self._signals, tg))
             await tg.start(serve_api, self)
+            self.problems = _socket_problems(self.config)
             await self.boot.resume()
             self.notifier.ready()
             self._show_status()
@@ -222,11 +231,13 @@ class Daemon:
 
     def status_line(self) -> str:
         activity = self.board.current
+        problems = "".join(f"{problem}; " for problem in self.problems)
         if activity.phase != "idle":
-            return activity.summary()
+            return problems + activity.summary()
         line = f"idle; next boot {self.lifecycle.pointers.next_boot}"
         if self.updater.hold is not None:
             line = f"{self.updater.hold}; {line}"
+        line = problems + line
         if self.checks.last_error:
             line += f"; last error: {self.checks.last_error}"
         return line[:200]
@@ -246,7 +257,7 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    await self.reload("signal")
                     continue
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 self.notifier.stopping()
@@ -299,26 +310,55 @@ class Daemon:
             # The watch is set up asynchronously after READY=1; an edit made in that
             # window would go unseen, so compare the file once the watch surely runs.
             await anyio.sleep(1)
-            if _file_signature(target) != self._config_signature:
-                await self.reload()
+            await self.reload("start")
 
         tg.start_soon(catch_early_edit)
         async for _changes in watchfiles.awatch(target.parent, watch_filter=only_config,
                                                 debounce=200, step=50, recursive=False,
                                                 stop_event=self._stop_watching):
-            await self.reload()
+            await self.reload("watch")
 
-    async def reload(self) -> None:
-        """Reload the config; an invalid one is logged and the old one kept."""
+    async def reload(self, trigger: Literal["signal", "watch", "start"] = "signal") -> None:
+        """Reload the config; an invalid one is logged and the old one kept.
+
+        One change is handled once: editing the file and then ``systemctl reload``
+        (SIGHUP) both trigger, in either order. The watcher skips a file already read
+        (``trigger="start"`` is its silent look just after start); a SIGHUP always
+        reads (files the config names may have changed), but a config equal to the
+        running one changes nothing and a file that failed already is not reported at
+        error level again. Each outcome is logged with its trigger.
+        """
         if self.config_path is None:
             return
-        self.notifier.reloading()
-        self._config_signature = _file_signature(self.config_path)
+        async with self._reload_lock:
+            signature = _file_signature(self.config_path)
+            if trigger != "signal" and signature == self._config_signature:
+                (log.info if trigger == "watch" else log.debug)(
+                    "config.unchanged", trigger=trigger)
+                return
+            self.notifier.reloading()
+            try:
+                await self._reload(self.config_path, signature, trigger)
+            finally:
+                self.notifier.ready()
+
+    async def _reload(self, path: Path, signature: tuple[int, int, int] | None,
+                      trigger: str) -> None:
+        seen_before, self._config_signature = signature == self._config_signature, signature
         try:
-            new = await anyio.to_thread.run_sync(load_config, self.config_path)
+            new = await anyio.to_thread.run_sync(load_config, path)
         except ConfigError as exc:
-            log.error("config.reload_failed", error=str(exc), kept=self.config.source)
-            self.notifier.ready()
+            if seen_before and self._reload_failed:
+                log.warning("config.still_invalid", error=str(exc), kept=self.config.source,
+                            trigger=trigger)
+            else:
+                log.error("config.reload_failed", error=str(exc), kept=self.config.source,
+                          trigger=trigger)
+            self._reload_failed = True
+            return
+        self._reload_failed = False
+        if new == self.config:
+            log.info("config.unchanged", trigger=trigger)
             return
         old, self.config = self.config, new
         configure_logging(new.log.format, new.log.level)
@@ -336,9 +376,8 @@ class Daemon:
             await self.http.close_retired()
         self.updater.config = new
         self.events.channel = new.server.channel
-        log.info("config.reloaded", source=new.source)
+        log.info("config.reloaded", source=new.source, trigger=trigger)
         self.checks.wake()
-        self.notifier.ready()
 
 
 def _optional(build: Build | None) -> dict[str, Any] | None:
@@ -350,6 +389,20 @@ def _build_info(build: Build, state: Any) -> dict[str, Any]:
     size = getattr(state, "size", None)
     return {"build": build.to_json(), "state": state.name,
             "reason": reason.value if reason is not None else None, "size": size}
+
+
+def _socket_problems(config: Config) -> list[str]:
+    """Whether the socket went to ``api.socket_group``; if not, the app's user gets
+    "permission denied" though the daemon runs (service/api.py logs the fix)."""
+    want = config.api.socket_group
+    try:
+        gid = grp.getgrnam(want).gr_gid
+        actual = config.paths.socket.stat().st_gid
+    except (KeyError, OSError):
+        gid, actual = -1, None
+    if gid == actual:
+        return []
+    return [f"socket group {want} unusable, apps get permission denied"]
 
 
 def _file_signature(path: Path) -> tuple[int, int, int] | None:
