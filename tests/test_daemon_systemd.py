@@ -91,6 +91,8 @@ def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     public = generate_key(tmp_path / "publisher.key")
     d = DaemonProcess(tmp_path / "d", manifest_url=str(tmp_path / "repo" / "manifest.json"),
                       keys=[public], release_dir=release)
+    # No repository here: the check a reload asks for is refused (RepositoryError).
+    d.expected_errors.add("check.failed")
     try:
         d.start()
         # The watcher's own look a second after start (trigger "start", logged at
@@ -180,6 +182,7 @@ def test_watcher_then_sighup_reloads_once(daemon: DaemonProcess) -> None:
 
 def test_invalid_edit_is_one_error(daemon: DaemonProcess) -> None:
     """An invalid edit plus SIGHUP is one error line; asking again is a warning."""
+    daemon.expected_errors.add("config.reload_failed")  # once: asserted below
     mark = len(events(daemon))
     daemon.config_path.write_text(daemon.config_path.read_text() + "\n[bogus]\nx = 1\n")
     sighup(daemon)
