@@ -4,6 +4,7 @@ takes its defaults from ``REPO/patchd-publish.toml`` (docs/publishing.md)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -285,3 +286,17 @@ def test_defaults_file_errors_name_the_way_out(w: Path, text: str, args: list[st
     line = one_line(run_patchd("publish", "--repo", str(repo), *args, str(pack(w))), 2)
     assert line.startswith("patchd: " + message.format(file=file, repo=repo)), line
     assert not (repo / "manifest.json").exists()
+
+
+def test_pack_refuses_a_tree_deeper_than_hosts_accept(tmp_path: Path) -> None:
+    """A target 300 directories deep packs nothing: every host would refuse the bundle
+    (MAX_PATH_DEPTH), and the old recursive walk could not even reach its bottom."""
+    from patchd.core.errors import PackError
+    from patchd.core.fsio import MAX_PATH_DEPTH
+    from patchd.publisher.pack import scan_tree
+
+    deep = tmp_path / "t"
+    deep.mkdir()
+    os.makedirs(deep.joinpath(*["d"] * (MAX_PATH_DEPTH + 44)))
+    with pytest.raises(PackError, match=f"deeper than {MAX_PATH_DEPTH} parts.*hosts refuse"):
+        scan_tree(deep)

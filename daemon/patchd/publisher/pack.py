@@ -25,7 +25,7 @@ import structlog
 import zstandard
 
 from patchd.core.errors import PackError, UnsafePath
-from patchd.core.fsio import atomic_file
+from patchd.core.fsio import atomic_file, check_rel_path
 from patchd.trust import (
     BundleHeader,
     DeleteOp,
@@ -78,6 +78,10 @@ def scan_tree(root: Path) -> dict[str, _Entry]:
             except UnicodeEncodeError:
                 raise PackError(f"{entry.path!r}: file name is not UTF-8") from None
             rel = prefix + entry.name
+            try:  # what every host refuses at read time (depth, Unicode, length)
+                check_rel_path(rel)
+            except UnsafePath as exc:
+                raise PackError(f"{entry.path}: {exc}; hosts refuse such a bundle") from None
             st = entry.stat(follow_symlinks=False)
             if st.st_mode & 0o7000 and not stat.S_ISLNK(st.st_mode):
                 raise PackError(f"{entry.path}: setuid/setgid/sticky bits cannot be shipped")
