@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support.launch import LaunchEnv, R, bad_detail, install, launch_env, pid_gone
+from support.launch import LaunchEnv, R, Reports, bad_detail, install, launch_env, pid_gone
 
 
 @pytest.fixture
@@ -143,3 +143,67 @@ def test_launcher_killed_is_a_boot_crash_and_the_next_launch_falls_back(
     env.reports.wait("started", f"{R}+0")
     second.wait_log("launch.healthy")
     assert d.status()["last_booted"] == {"release": R, "patch": 0}
+
+
+HOOK = ('#!/bin/sh\necho "$0 build=$PATCHD_BUILD failed=${PATCHD_FAILED_BUILD:-} cwd=$PWD" '
+        '>> "$HOOK_LOG"\necho "hook output on stdout"\n')
+
+
+def test_pre_start_failing_falls_back_and_on_fallback_runs_from_the_fallback(
+        env: LaunchEnv) -> None:
+    """pre-start runs before the first start of a build; when it fails the build is
+    marked bad (boot_failure naming the hook) without the app starting, and on-fallback
+    runs from the tree fallen back to, naming the failed build."""
+    hook_log = env.tmp / "hooks.log"
+    hooks = {"HOOK_LOG": str(hook_log)}
+    d = env.daemon()
+    install(d, env.patch(1, executables={"patchd/hooks/pre-start": HOOK,
+                                         "patchd/hooks/on-fallback": HOOK}))
+    first = env.launch(d, env=hooks)
+    first.wait_log("launch.healthy")
+    env.reports.wait("started", f"{R}+1")
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    tree1 = d.state_dir / "builds" / R / "1" / "tree"
+    assert hook_log.read_text().splitlines() == [
+        f"{tree1}/patchd/hooks/pre-start build={R}+1 failed= cwd={tree1}"]
+
+    install(d, env.patch(2, executables={
+        "patchd/hooks/pre-start": HOOK + "echo 'migration 7 failed' >&2\nexit 4\n"}))
+    second = env.launch(d, env=hooks)
+    second.wait_log("launch.healthy", where=lambda line: f"{R}+1" in line)
+    env.reports.wait("started", f"{R}+1", after=1)
+    state = bad_detail(d, R, 2)
+    assert state["reason"] == "boot_failure"
+    assert "pre-start hook failed (exit status 4)" in state["detail"]
+    assert "migration 7 failed" in state["detail"]
+    tree2 = d.state_dir / "builds" / R / "2" / "tree"
+    assert hook_log.read_text().splitlines()[1:] == [
+        f"{tree2}/patchd/hooks/pre-start build={R}+2 failed= cwd={tree2}",
+        f"{tree1}/patchd/hooks/on-fallback build={R}+1 failed={R}+2 cwd={tree1}"]
+    assert [e.build for e in env.reports.of("started")] == [f"{R}+1", f"{R}+1"]
+    assert "hook output on stdout" in second.log()
+
+
+def test_notify_pass_through(env: LaunchEnv) -> None:
+    """Type=notify: with --notify the checks wait for the app's READY=1; the app's
+    STATUS= reaches systemd's socket from the launcher, and READY=1 goes there only
+    once the boot succeeded."""
+    upstream = Reports()  # stands in for systemd's NOTIFY_SOCKET
+    report = ("#!/usr/bin/env python3\nimport os, socket\n"
+              "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto("
+              "b'0 - check', os.environ['APP_REPORT'])\n")
+    try:
+        d = env.daemon()
+        install(d, env.patch(1, executables={"patchd/health/required.d/10-report": report}))
+        launcher = env.launch(d, "--notify", env={"APP_NOTIFY": "1",
+                                                  "NOTIFY_SOCKET": upstream.path})
+        ready_at, _ = env.reports.wait("ready", f"{R}+1")
+        check_at, _ = env.reports.wait("check")
+        assert ready_at < check_at
+        launcher.wait_log("launch.healthy")
+        upstream.wait_raw("STATUS=warming up")
+        upstream.wait_raw("READY=1")
+        assert upstream.raw.index("STATUS=warming up") < upstream.raw.index("READY=1")
+    finally:
+        upstream.close()

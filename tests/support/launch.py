@@ -26,7 +26,8 @@ from support.daemon import DaemonProcess, Publisher, write_tree
 R = "1.4.0"
 
 #: The app: reports start, signals and exit; SIGTERM exits with $APP_TERM_STATUS (0);
-#: with $APP_NOTIFY it sends READY=1 once started.
+#: with $APP_NOTIFY it sends READY=1 once started; with $APP_IDLE_ON_USR2, SIGUSR2
+#: makes it tell the launcher it is idle (PATCHD_IDLE=1).
 APP = """\
 #!/usr/bin/env python3
 import os, signal, socket, sys
@@ -36,6 +37,9 @@ def report(what):
     out.sendto(msg.encode(), os.environ["APP_REPORT"])
 def on(sig, frame):
     report("signal " + signal.Signals(sig).name)
+    if sig == signal.SIGUSR2 and os.environ.get("APP_IDLE_ON_USR2"):
+        n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        n.sendto(b"PATCHD_IDLE=1", os.environ["NOTIFY_SOCKET"])
     if sig == signal.SIGTERM:
         report("exiting")
         sys.exit(int(os.environ.get("APP_TERM_STATUS", "0")))
@@ -68,6 +72,8 @@ class Reports:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self.path)
         self.events: list[Event] = []
+        #: Every datagram as it came (systemd's side of a notify socket).
+        self.raw: list[str] = []
         self._cond = threading.Condition()
         threading.Thread(target=self._collect, daemon=True).start()
 
@@ -77,9 +83,12 @@ class Reports:
                 data = self._sock.recv(4096)
             except OSError:
                 return
-            pid, build, what = data.decode().split(" ", 2)
             with self._cond:
-                self.events.append(Event(int(pid), build, what, time.monotonic()))
+                self.raw.append(data.decode())
+                parts = data.decode().split(" ", 2)
+                if len(parts) == 3 and parts[0].isdigit():
+                    self.events.append(Event(int(parts[0]), parts[1], parts[2],
+                                             time.monotonic()))
                 self._cond.notify_all()
 
     def wait(self, what: str, build: str | None = None, timeout: float = 30,
@@ -95,6 +104,16 @@ class Reports:
                 if left <= 0:
                     raise AssertionError(f"no {what!r} of {build} within {timeout}s: "
                                          f"{self.events}")
+                self._cond.wait(min(left, 0.5))
+
+    def wait_raw(self, text: str, timeout: float = 30) -> None:
+        """Wait for a datagram that is exactly ``text``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while text not in self.raw:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no datagram {text!r} within {timeout}s: {self.raw}")
                 self._cond.wait(min(left, 0.5))
 
     def of(self, what: str) -> list[Event]:

@@ -88,6 +88,15 @@ class ActivateSection:
                 return opens, closes
         raise AssertionError("a window of under a day always has an occurrence ahead")
 
+    def when(self, now: datetime) -> dict[str, str | None]:
+        """GetStatus's ``activation`` (without the build): the policy, and for a window
+        when it opens and closes next (``opens`` is in the past inside the window)."""
+        if self.policy != "window":
+            return {"policy": self.policy, "opens": None, "closes": None}
+        opens, closes = self.next_window(now)
+        return {"policy": self.policy, "opens": opens.isoformat(timespec="seconds"),
+                "closes": closes.isoformat(timespec="seconds")}
+
 
 def _local(day: date, minutes: int) -> datetime:
     return datetime(day.year, day.month, day.day, minutes // 60, minutes % 60).astimezone()
