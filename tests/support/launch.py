@@ -258,9 +258,8 @@ def bad_detail(d: DaemonProcess, release: str, patch: int) -> dict[str, Any]:
 
 
 def pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    """Exited (a zombie no one reaped yet counts as gone)."""
+    from patchd.host.process import pid_alive
+
+    return not pid_alive(pid, None)
 
