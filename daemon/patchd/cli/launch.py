@@ -441,7 +441,7 @@ def launch_command(args: argparse.Namespace) -> int:
     if args.socket is not None:
         config = LaunchConfig(config.app, config.release_dir, args.socket, config.health,
                               config.hooks, config.activate, config.source)
-    configure_logging("auto", args.log_level, stream=sys.stderr)
+    configure_logging(args.log_format, args.log_level, stream=sys.stderr)
     launcher = Launcher(config, command, notify=args.notify, clock=Clock.from_environment())
     code = anyio.run(launcher.run)
     return _die_like(code)

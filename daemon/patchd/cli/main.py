@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", type=Path, help="talk to this socket instead")
     p.add_argument("--notify", action="store_true",
                    help="the app sends READY=1 (sd_notify); checks wait for it")
+    p.add_argument("--log-format", choices=["auto", "journal", "json", "console"],
+                   default="auto", help="the launcher's log (default: journal under "
+                   "systemd, else console on stderr)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    default="info", help="the launcher's log level (default info)")
     p.add_argument("app", help="the app instance, as in its config's [app] name")
