@@ -208,8 +208,8 @@ def test_every_cli_command_is_documented() -> None:
     used = {" ".join(args[:2]) if args[:1] in (["boot"], ["config"], ["root"]) else args[0]
             for _, args in documented_commands() if args}
     expected = {"run", "config check", "status", "watch", "check", "install", "rollback",
-                "boot-target", "boot start", "boot success", "boot failure", "keygen", "pack",
-                "publish", "root create", "root sign", "demo"}
+                "boot-target", "boot start", "boot success", "boot failure", "launch", "keygen",
+                "pack", "publish", "root create", "root sign", "demo"}
     assert expected <= used, f"undocumented: {sorted(expected - used)}"
 
 
