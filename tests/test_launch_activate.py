@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from patchd.cli.launch_daemon import activation_at
+from patchd.cli.launch_activate import activation_at
 from patchd.config import config_from_dict
 from patchd.config.launch import ActivateSection
 from patchd.core.errors import ConfigErrors

@@ -31,18 +31,20 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from patchd.cli.launch_activate import Activation, Clock
 from patchd.cli.launch_app import App, NotifyProxy, command_in_tree
 from patchd.cli.launch_checks import checks_of, hook_path, run_checks, run_hook
-from patchd.cli.launch_daemon import (
-    Changes,
-    Clock,
-    DaemonLink,
-    activation_at,
-    build_text,
-    sleep_until,
-)
+from patchd.cli.launch_daemon import DaemonLink, build_text
 from patchd.config.launch import LaunchConfig, read_launch_config
-from patchd.core.errors import ClientError, CommandFailed, LaunchFailed, PatchdError, UsageError
+from patchd.core.errors import (
+    ClientError,
+    CommandFailed,
+    DaemonConnectionBroken,
+    DaemonNotRunning,
+    LaunchFailed,
+    PatchdError,
+    UsageError,
+)
 from patchd.core.text import printable
 
 __all__ = ["FORWARDED_SIGNALS", "Launcher", "launch_command"]
@@ -53,6 +55,8 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
                      signal.SIGUSR2)
 #: Characters of a reason sent with BootFailure.
 MAX_REASON = 900
+#: Seconds a restart or fallback waits for a daemon that went away.
+DAEMON_WAIT = 30.0
 
 T = TypeVar("T")
 Build = dict[str, Any]
@@ -70,14 +74,11 @@ class Launcher:
         self.cfg = config
         self.command = command
         self.notify = notify
-        self.clock = clock
         self.link = DaemonLink(config.socket)
-        self.changes = Changes()
+        self.activation = Activation(config.activate, self.link, clock)
         self.stopping = anyio.Event()
         self.app: App | None = None
         self.ready = anyio.Event()
-        self.idle = Changes()
-        self.is_idle = False
         self.told_ready = False
         self._tg: TaskGroup | None = None
         self._proxy: NotifyProxy | None = None
@@ -121,8 +122,7 @@ class Launcher:
         if key == "READY" and value == "1":
             self.ready.set()
         elif key == "PATCHD_IDLE":
-            self.is_idle = value == "1"
-            self.idle.bump()
+            self.activation.app_reports_idle(value == "1")
 
     def _tell_ready(self) -> None:
         if not self.told_ready and self._proxy is not None:
@@ -156,17 +156,18 @@ class Launcher:
                                "boot reports or health checks")
             return await self._unprotected()
         assert self._tg is not None
-        self._tg.start_soon(self.link.watch, self.changes)
+        self._tg.start_soon(self.link.watch, self.activation.changes)
         failed: Build | None = None
         starts = 0
         while True:
-            if self.stopping.is_set():
+            try:
+                status = await self._call_patiently("GetStatus")
+                if failed is not None and status["next_boot"] == failed:
+                    raise LaunchFailed(f"{build_text(failed)} failed and there is no other "
+                                       "build to fall back to")
+                reply = await self._call_patiently("BootStart", {"pid": os.getpid()})
+            except _Stopped:
                 return -signal.SIGTERM
-            status = await self.link.call("GetStatus")
-            if failed is not None and status["next_boot"] == failed:
-                raise LaunchFailed(f"{build_text(failed)} failed and there is no other "
-                                   "build to fall back to")
-            reply = await self.link.call("BootStart", {"pid": os.getpid()})
             build, tree = reply["build"], Path(reply["path"])
             log.info("launch.boot_started", build=build_text(build), tree=str(tree))
             starts += 1
@@ -190,6 +191,25 @@ class Launcher:
             if starts >= self.cfg.health.attempts:
                 raise LaunchFailed(f"gave up after {starts} failed starts in a row; the last: "
                                    f"{build_text(build)}: {printable(reason, 300)}")
+
+    async def _call_patiently(self, method: str,
+                              params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A call that waits up to :data:`DAEMON_WAIT` s for a daemon being restarted
+        (a restart or fallback may meet one); a stop signal ends the wait."""
+        delay, waited = 0.5, 0.0
+        while True:
+            if self.stopping.is_set():
+                raise _Stopped()
+            try:
+                return await self.link.call(method, params)
+            except (DaemonNotRunning, DaemonConnectionBroken) as exc:
+                if waited >= DAEMON_WAIT:
+                    raise
+                log.info("launch.daemon_away", error=str(exc), retry_in=delay)
+            with anyio.move_on_after(delay):
+                await self.stopping.wait()
+            waited += delay
+            delay = min(delay * 2, 5.0)
 
     # --- one boot -------------------------------------------------------------------
 
@@ -218,7 +238,7 @@ class Launcher:
         """Start the app and judge it: None when healthy, else the failure reason."""
         assert self._tg is not None
         self.ready = anyio.Event()
-        self.is_idle = False
+        self.activation.app_idle = False
         argv = command_in_tree(self.command, tree)
         env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
         env.update(self._env(build, tree))
@@ -314,7 +334,7 @@ class Launcher:
 
             async def activation() -> None:
                 nonlocal activate
-                await self._activation_due(build)
+                await self.activation.due(build)
                 activate = True
                 tg.cancel_scope.cancel()
 
@@ -328,53 +348,6 @@ class Launcher:
         await app.stop(self.cfg.activate.stop_timeout)
         self.app = None
         return None
-
-    # --- activation -----------------------------------------------------------------
-
-    async def _activation_due(self, running: Build) -> None:
-        """Return when a new next_boot should replace ``running``, by the policy."""
-        policy = self.cfg.activate.policy
-        seen = -1
-        while True:
-            seen = self.changes.version
-            pending = await self._pending(running)
-            if pending is not None:
-                if policy == "immediate":
-                    return
-                if policy == "idle":
-                    log.info("activation.pending", build=build_text(pending),
-                             waiting_for="the app to report idle (PATCHD_IDLE=1)")
-                    while not self.is_idle:
-                        await self.idle.wait(self.idle.version)
-                    return
-                if policy == "window":
-                    if await self._window_reached(pending):
-                        return
-                    continue
-                log.info("activation.pending", build=build_text(pending),
-                         waiting_for="the next start")
-            await self.changes.wait(seen)
-
-    async def _pending(self, running: Build) -> Build | None:
-        try:
-            status = await self.link.call("GetStatus")
-        except ClientError as exc:
-            log.info("launch.status_unavailable", error=str(exc))
-            return None
-        nb = status.get("next_boot")
-        if nb == running or status.get("currently_booting") is not None:
-            return None
-        return nb if isinstance(nb, dict) else None
-
-    async def _window_reached(self, pending: Build) -> bool:
-        activate = self.cfg.activate
-        now = self.clock.now()
-        at = activation_at(activate, now)
-        assert at is not None
-        opens, closes = activate.next_window(now)
-        log.info("activation.scheduled", build=build_text(pending), at=at.isoformat(),
-                 window=activate.window)
-        return await sleep_until(self.clock, at, lambda t: opens <= t < closes)
 
     # --- without the daemon ---------------------------------------------------------
 

@@ -1,18 +1,14 @@
-"""``patchd launch`` and the daemon: boot reports, the activity stream, the activation clock.
+"""``patchd launch`` and the daemon: boot reports and the activity stream.
 
 The launcher learns of a new build without polling: it follows WatchActivity, and
 each time the daemon's activity returns to ``idle`` (an install or an update has
-ended, promotion included) it reads the status once. :func:`activation_at` turns
-the ``[activate]`` policy into a time; :class:`Clock` is the launcher's wall clock,
-which a test may start at another time (``PATCHD_LAUNCH_NOW``).
+ended, promotion included) it bumps a :class:`Changes` counter, and whoever waits on
+it reads the status once (``launch_activate.py``).
 """
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +16,12 @@ import anyio
 import structlog
 
 from patchd.cli.client import _client_error
-from patchd.config.launch import ActivateSection
 from patchd.core.error_table import describe_socket_error
-from patchd.core.errors import UsageError
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink import AsyncVarlinkClient, VarlinkError
 from patchd.varlink import ClientError as VarlinkClientError
 
-__all__ = ["Changes", "Clock", "DaemonLink", "activation_at", "build_text"]
+__all__ = ["Changes", "DaemonLink", "build_text"]
 
 log = structlog.get_logger("patchd.cli.launch")
 
@@ -41,49 +35,6 @@ def build_text(build: Any) -> str:
     if not isinstance(build, dict):
         return "none"
     return f"{build.get('release')}+{build.get('patch')}"
-
-
-class Clock:
-    """Local wall-clock time; ``PATCHD_LAUNCH_NOW`` (ISO 8601) starts it elsewhere, and
-    it then advances with the monotonic clock (tests of activation windows)."""
-
-    def __init__(self, start: str | None = None) -> None:
-        self._offset = timedelta(0)
-        if start:
-            try:
-                then = datetime.fromisoformat(start).astimezone()
-            except ValueError:
-                raise UsageError(f"PATCHD_LAUNCH_NOW must be an ISO 8601 time, got {start!r}"
-                                 ) from None
-            self._offset = then - datetime.now().astimezone()
-
-    def __repr__(self) -> str:
-        return f"<Clock offset={self._offset}>"
-
-    @classmethod
-    def from_environment(cls) -> Clock:
-        return cls(os.environ.get("PATCHD_LAUNCH_NOW"))
-
-    def now(self) -> datetime:
-        return datetime.now().astimezone() + self._offset
-
-
-def activation_at(activate: ActivateSection, now: datetime,
-                  rng: random.Random | None = None) -> datetime | None:
-    """When a build installed at ``now`` replaces the running one under ``immediate``
-    or ``window`` (None for ``next-start`` and ``idle``, which wait for an event).
-
-    ``window``: a random point of what is left of the window (now, if inside it; else
-    the next one), so a fleet that installed together does not restart together.
-    """
-    if activate.policy == "immediate":
-        return now
-    if activate.policy != "window":
-        return None
-    opens, closes = activate.next_window(now)
-    start = max(opens, now)
-    spread = (closes - start).total_seconds()
-    return start + timedelta(seconds=(rng or random.Random()).uniform(0, spread))
 
 
 class Changes:
@@ -147,14 +98,3 @@ class DaemonLink:
                 log.info("launch.watch_lost", error=str(exc), retry_in=backoff)
             await anyio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(MAX_BACKOFF, backoff * 2)
-
-
-async def sleep_until(clock: Clock, when: datetime,
-                      still_valid: Callable[[datetime], bool]) -> bool:
-    """Sleep until ``when`` by ``clock``, looking again at least every 5 minutes (the
-    wall clock may jump); False if, once there, ``still_valid(now)`` no longer holds."""
-    # A time of day, not an event: no Event to wait on.
-    while (left := (when - clock.now()).total_seconds()) > 0:  # noqa: ASYNC110
-        await anyio.sleep(min(left, 300.0))
-    return still_valid(clock.now())
-

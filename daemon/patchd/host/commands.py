@@ -30,6 +30,8 @@ TAIL_BYTES = 2048
 #: Bytes of one command's output passed to ``on_line`` before the rest is only counted.
 LOG_BYTES = 64 * 1024
 _LINE_CHARS = 1024
+_SERVICE_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_FDS",
+                           "LISTEN_PID", "LISTEN_FDNAMES"})
 
 
 @dataclass(frozen=True)
@@ -115,15 +117,19 @@ async def run_command(argv: Sequence[str], *, deadline: float, cwd: Path | None 
                       on_line: Callable[[str], None] | None = None) -> Outcome:
     """Run ``argv`` (no shell) with stdin from /dev/null, for at most ``deadline`` s.
 
-    ``env`` is added to this process's environment. Never raises for the command's
-    own failure: that is the Outcome.
+    ``env`` is added to this process's environment, less what systemd meant for this
+    process alone (the notify socket, the watchdog, socket activation): a hook is never
+    the service's main process. Never raises for the command's own failure: that is
+    the Outcome.
     """
     started = time.monotonic()
+    full = {k: v for k, v in os.environ.items() if k not in _SERVICE_ONLY}
+    full.update(env or {})
     output = _Output(on_line)
     try:
         proc = await anyio.open_process(
             list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})},
+            stderr=subprocess.STDOUT, cwd=cwd, env=full,
             start_new_session=True)
     except OSError as exc:
         return Outcome(None, error=exc.strerror or str(exc))
