@@ -186,7 +186,8 @@ def test_pre_start_failing_falls_back_and_on_fallback_runs_from_the_fallback(
 
 
 def test_notify_pass_through(env: LaunchEnv) -> None:
-    """Type=notify: with --notify the checks wait for the app's READY=1; the app's
+    """Type=notify: with --notify the checks wait for the app's READY=1 (sent a second
+    after its start); the app's
     STATUS= reaches systemd's socket from the launcher, and READY=1 goes there only
     once the boot succeeded."""
     upstream = Reports()  # stands in for systemd's NOTIFY_SOCKET
@@ -196,7 +197,7 @@ def test_notify_pass_through(env: LaunchEnv) -> None:
     try:
         d = env.daemon()
         install(d, env.patch(1, executables={"patchd/health/required.d/10-report": report}))
-        launcher = env.launch(d, "--notify", env={"APP_NOTIFY": "1",
+        launcher = env.launch(d, "--notify", env={"APP_NOTIFY": "1", "APP_READY_DELAY": "1",
                                                   "NOTIFY_SOCKET": upstream.path})
         ready_at, _ = env.reports.wait("ready", f"{R}+1")
         check_at, _ = env.reports.wait("check")

@@ -139,13 +139,21 @@ def test_window_never_restarts_outside_the_window(env: LaunchEnv) -> None:
     """policy = "window" at 12:00 (injected clock) with a 02:00-04:00 window: the
     restart is scheduled inside tomorrow's window and nothing restarts now."""
     d = env.daemon('[activate]\npolicy = "window"\nwindow = "02:00-04:00"\n')
-    launcher = env.launch(d, env={"PATCHD_LAUNCH_NOW": "2030-01-01T12:00:00+00:00"})
+    launcher = env.launch(d, "--log-level", "debug",
+                          env={"PATCHD_LAUNCH_NOW": "2030-01-01T12:00:00+00:00"})
     env.reports.wait("started", f"{R}+0")
     launcher.wait_log("launch.healthy")
-    install(d, env.patch(1))
+    bundle = env.patch(1)
+    env.publisher.publish(bundle)  # so that the CheckNow below has a manifest to read
+    install(d, bundle)
     line = launcher.wait_log("activation.scheduled")
     when = datetime.fromisoformat(line.split("at=")[1].split()[0])
     assert datetime(2030, 1, 2, 2, tzinfo=UTC) <= when < datetime(2030, 1, 2, 4, tzinfo=UTC)
+    # A later change, handled while the running app's activation still waits: had the
+    # launcher restarted, it would be looking from the new build by now.
+    mark = launcher.mark()
+    d.call("CheckNow")
+    launcher.wait_log("activation.looked", after=mark)
     assert [e.build for e in env.reports.of("started")] == [f"{R}+0"]
     assert "launch.activating" not in launcher.log()
     activation = d.status()["activation"]

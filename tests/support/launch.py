@@ -26,8 +26,8 @@ from support.daemon import DaemonProcess, Publisher, write_tree
 R = "1.4.0"
 
 #: The app: reports start, signals and exit; SIGTERM exits with $APP_TERM_STATUS (0);
-#: with $APP_NOTIFY it sends READY=1 once started; with $APP_IDLE_ON_USR2, SIGUSR2
-#: makes it tell the launcher it is idle (PATCHD_IDLE=1).
+#: with $APP_NOTIFY it sends READY=1 once started (after $APP_READY_DELAY s); with
+#: $APP_IDLE_ON_USR2, SIGUSR2 makes it tell the launcher it is idle (PATCHD_IDLE=1).
 APP = """\
 #!/usr/bin/env python3
 import os, signal, socket, sys
@@ -47,6 +47,8 @@ for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.S
     signal.signal(s, on)
 report("started")
 if os.environ.get("APP_NOTIFY"):
+    import time
+    time.sleep(float(os.environ.get("APP_READY_DELAY", "0")))  # a slow start
     n = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     n.sendto(b"STATUS=warming up\\nREADY=1", os.environ["NOTIFY_SOCKET"])
     report("ready")
@@ -159,12 +161,18 @@ class Launcher:
         with self._cond:
             return "\n".join(self.lines)
 
+    def mark(self) -> int:
+        """How many lines were logged so far (for ``wait_log(after=...)``)."""
+        with self._cond:
+            return len(self.lines)
+
     def wait_log(self, needle: str, timeout: float = 30,
-                 where: Callable[[str], bool] = lambda line: True) -> str:
+                 where: Callable[[str], bool] = lambda line: True, after: int = 0) -> str:
+        """The first line from index ``after`` containing ``needle`` (and ``where``)."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for line in self.lines:
+                for line in self.lines[after:]:
                     if needle in line and where(line):
                         return line
                 left = deadline - time.monotonic()

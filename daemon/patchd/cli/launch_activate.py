@@ -101,6 +101,8 @@ class Activation:
         while True:
             seen = self.changes.version
             pending = await self._pending(running)
+            log.debug("activation.looked", running=build_text(running),
+                      pending=build_text(pending), version=seen)
             if pending is None:
                 announced = scheduled = None
                 await self.changes.wait(seen)

@@ -82,18 +82,18 @@ class DaemonLink:
 
     async def watch(self, changes: Changes) -> None:
         """Follow WatchActivity for ever: bump ``changes`` at each (re)connection and
-        each return to idle. A lost daemon is waited for (backoff), never an error."""
+        each reply that says idle. A lost daemon is waited for (backoff), never an error."""
         backoff = 1.0
         while True:
             try:
                 async with await AsyncVarlinkClient.connect(self.socket) as client:
-                    busy = True  # a (re)connection: anything may have changed meanwhile
+                    # The first reply follows a (re)connection: anything may have changed
+                    # meanwhile. Later ones come on changes only, and the daemon coalesces
+                    # them, so a reply that says idle may be all we see of a short job.
                     async for reply in client.stream(f"{INTERFACE_NAME}.WatchActivity"):
                         backoff = 1.0
-                        idle = reply.get("activity", {}).get("phase") == "idle"
-                        if idle and busy:
+                        if reply.get("activity", {}).get("phase") == "idle":
                             changes.bump()
-                        busy = not idle
             except (VarlinkClientError, VarlinkError, OSError) as exc:
                 log.info("launch.watch_lost", error=str(exc), retry_in=backoff)
             await anyio.sleep(backoff * (0.5 + random.random() / 2))
