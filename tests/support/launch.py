@@ -235,6 +235,24 @@ class LaunchEnv:
         self.launchers.append(launcher)
         return launcher
 
+    def error_lines(self) -> list[str]:
+        """Error-level lines of every daemon and launcher: a normal flow has none."""
+        import json
+
+        found = []
+        for d in self.daemons:
+            for line in d.log().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+                    found.append(line)
+        for launcher in self.launchers:
+            found += [line for line in launcher.log().splitlines()
+                      if "[error" in line or "[critical" in line or "Traceback" in line]
+        return found
+
     def close(self) -> None:
         for i, launcher in enumerate(self.launchers):
             launcher.close()
@@ -249,6 +267,9 @@ def launch_env(tmp: Path) -> Iterator[LaunchEnv]:
     env = LaunchEnv(tmp)
     try:
         yield env
+        for launcher in env.launchers:
+            launcher.close()  # its whole log, before it is read
+        assert env.error_lines() == []
     finally:
         env.close()
 
