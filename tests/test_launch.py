@@ -208,3 +208,49 @@ def test_notify_pass_through(env: LaunchEnv) -> None:
         assert upstream.raw.index("STATUS=warming up") < upstream.raw.index("READY=1")
     finally:
         upstream.close()
+
+
+def test_usage_and_config_errors_are_one_line(tmp_path: Path) -> None:
+    """No COMMAND, a config of another app, or a config that cannot be read: exit 2 and
+    one line naming what is wrong; the app is never started."""
+    from support.cli import run_patchd
+
+    config = tmp_path / "kiosk.toml"
+    config.write_text('[app]\nname = "kiosk"\nrelease_dir = "/opt/kiosk"\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[app]\nname = "kiosk"\nrelease_dir = "/opt/kiosk"\n'
+                   '[activate]\npolicy = "window"\n')
+    cases = [
+        (["launch", "--config", str(config), "kiosk"], "give the COMMAND to run"),
+        (["launch", "--config", str(config), "other", "--", "bin/app"],
+         "configures app 'kiosk', not 'other'"),
+        (["launch", "--config", str(tmp_path / "nope.toml"), "kiosk", "bin/app"],
+         "nope.toml: no such file"),
+        (["launch", "--config", str(bad), "kiosk", "bin/app"],
+         "activate.window: is required"),
+    ]
+    for args, needle in cases:
+        proc = run_patchd(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def test_without_the_daemon_the_release_runs_unprotected(env: LaunchEnv) -> None:
+    """No daemon on the socket: the launcher says so and runs the release's own tree,
+    still forwarding signals and passing on the exit status."""
+    config = env.tmp / "kiosk.toml"
+    config.write_text(f'[app]\nname = "kiosk"\nrelease_dir = "{env.release_dir}"\n'
+                      f'[paths]\nsocket = "{env.tmp}/none.sock"\n')
+
+    class Nowhere:
+        config_path = config
+        app = "kiosk"
+
+    launcher = env.launch(Nowhere(), env={"APP_TERM_STATUS": "5"})  # type: ignore[arg-type]
+    assert "running the release" in launcher.wait_log("launch.daemon_unreachable")
+    _, started = env.reports.wait("started", "-")
+    launcher.signal(signal.SIGTERM)
+    env.reports.wait("exiting", "-")
+    assert launcher.wait() == 5
+    assert pid_gone(started.pid)
