@@ -116,7 +116,6 @@ class TrustSection:
     @property
     def raw_keys(self) -> tuple[bytes, ...]:
         from patchd.trust.signing import parse_public_key
-
         return tuple(parse_public_key(k) for k in self.keys)
 
     @property
@@ -124,7 +123,6 @@ class TrustSection:
         """Where this host's chain of roots starts (docs/formats.md#the-root-of-trust)."""
         from patchd.trust.root import parse_root
         from patchd.trust.root_store import Bootstrap
-
         if self.root_file:
             return Bootstrap.from_document(self.root_document, parse_root(self.root_document))
         return Bootstrap.from_keys(self.raw_keys, self.threshold)
@@ -323,7 +321,6 @@ def _keys(value: Any) -> tuple[str, ...]:
     if not keys:
         raise ValueError("expected at least one trusted key, the list is empty")
     from patchd.trust.signing import parse_public_key
-
     for key in keys:
         parse_public_key(key)
     return keys
@@ -396,7 +393,6 @@ def _trust(r: _Reader) -> TrustSection:
     document = b""
     if root_file:
         from patchd.trust.root import parse_root
-
         try:
             document = Path(root_file).read_bytes()
             parse_root(document)
