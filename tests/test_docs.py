@@ -210,7 +210,8 @@ def test_every_cli_command_is_documented() -> None:
             for _, args in documented_commands() if args}
     expected = {"run", "config check", "status", "watch", "check", "install", "rollback",
                 "hold", "unhold", "unmark", "boot-target", "boot start", "boot success",
-                "boot failure", "keygen", "pack", "publish", "root create", "root sign", "demo"}
+                "boot failure", "launch", "keygen", "pack", "publish", "root create",
+                "root sign", "demo"}
     assert expected <= used, f"undocumented: {sorted(expected - used)}"
 
 

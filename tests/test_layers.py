@@ -44,9 +44,9 @@ def test_every_module_architecture_md_names_exists() -> None:
 
 
 def test_client_commands_stay_light() -> None:
-    """``patchd status`` and the boot commands run on every host start: importing the
-    CLI must not load the daemon, httpx, cryptography or zstandard."""
-    code = ("import sys, patchd.cli.main, patchd.cli.client; "
+    """``patchd status``, the boot commands and ``patchd launch`` run on every host
+    start: importing them must not load the daemon, httpx, cryptography or zstandard."""
+    code = ("import sys, patchd.cli.main, patchd.cli.client, patchd.cli.launch; "
             "heavy = {'httpx', 'cryptography', 'zstandard', 'patchd.service.daemon', "
             "'patchd.trust', 'patchd.fetch'} & set(sys.modules); print(sorted(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

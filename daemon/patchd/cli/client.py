@@ -103,6 +103,16 @@ def parse_build(text: str | None, what: str = "--build") -> dict[str, Any] | Non
     return {"release": release, "patch": int(patch)}
 
 
+def activation_text(a: dict[str, Any]) -> str:
+    """When the pending build replaces the running one, by ``[activate] policy``."""
+    when = {"next-start": "at the app's next start",
+            "immediate": "now (patchd launch restarts the app)",
+            "idle": "when the app reports idle to patchd launch"}.get(str(a.get("policy")))
+    if when is None:
+        when = f"in the window {a.get('opens')} to {a.get('closes')} (patchd launch)"
+    return printable(f"{_build(a.get('build'))} {when}")
+
+
 def _bar(a: dict[str, Any], width: int = 30) -> str:
     total = a.get("total") or 0
     if not total or a.get("phase") == "idle":
@@ -124,6 +134,8 @@ def status(args: argparse.Namespace) -> int:
     print(f"  last booted:  {_build(reply.get('last_booted'))}")
     if reply.get("currently_booting"):
         print(f"  booting now:  {_build(reply['currently_booting'])}")
+    if reply.get("activation"):
+        print(f"  activates:    {activation_text(reply['activation'])}")
     print(f"  activity:     {activity_line(reply['activity'])}")
     print(f"  last check:   {reply.get('last_check') or 'never'}"
           f"; next check: {reply.get('next_check') or 'unscheduled'}")

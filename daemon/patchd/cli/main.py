@@ -36,6 +36,7 @@ HANDLERS: dict[str, str] = {
     "boot start": "patchd.cli.client:boot_start",
     "boot success": "patchd.cli.client:boot_success",
     "boot failure": "patchd.cli.client:boot_failure",
+    "launch": "patchd.cli.launch:launch_command",
     "keygen": "patchd.publisher.commands:keygen_command",
     "pack": "patchd.publisher.commands:pack_command",
     "publish": "patchd.publisher.commands:publish_command",
@@ -136,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--pid", type=int, help="pid of the booting process (start)")
         q.add_argument("--reason", help="why booting failed (failure)")
         q.add_argument("--build", help="the build, as RELEASE+PATCH (default: the expected one)")
+
+    p = sub.add_parser("launch", help="run the app: boot it, check its health, fall back, "
+                       "activate updates (the app unit's ExecStart)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the config file (default /etc/patchd/APP.toml)")
+    p.add_argument("--socket", type=Path, help="talk to this socket instead")
+    p.add_argument("--notify", action="store_true",
+                   help="the app sends READY=1 (sd_notify); checks wait for it")
+    p.add_argument("--log-format", choices=["auto", "journal", "json", "console"],
+                   default="auto", help="the launcher's log (default: journal under "
+                   "systemd, else console on stderr)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   default="info", help="the launcher's log level (default info)")
+    p.add_argument("app", help="the app instance, as in its config's [app] name")
+    p.add_argument("app_command", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS]",
+                   help="the app's command; a relative path is inside the boot tree")
 
     p = sub.add_parser("keygen", help="new Ed25519 signing key; prints the public key")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE",

@@ -14,15 +14,17 @@ import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from patchd.config.files import ca_file, read_headers_file, readable_file
+from patchd.config.launch import SECTIONS as LAUNCH_SECTIONS
+from patchd.config.launch import ActivateSection, HealthSection, HooksSection, launch_sections
 from patchd.core.errors import ConfigErrors, ConfigFileError, RootRejected
 from patchd.core.model import is_valid_name
-from patchd.trust.root import parse_root
-from patchd.trust.root_store import Bootstrap
-from patchd.trust.signing import parse_public_key
+
+if TYPE_CHECKING:  # trust is imported where used: `patchd launch` must not load it
+    from patchd.trust.root_store import Bootstrap
 
 T = TypeVar("T")
 
@@ -113,11 +115,14 @@ class TrustSection:
 
     @property
     def raw_keys(self) -> tuple[bytes, ...]:
+        from patchd.trust.signing import parse_public_key
         return tuple(parse_public_key(k) for k in self.keys)
 
     @property
     def bootstrap(self) -> Bootstrap:
         """Where this host's chain of roots starts (docs/formats.md#the-root-of-trust)."""
+        from patchd.trust.root import parse_root
+        from patchd.trust.root_store import Bootstrap
         if self.root_file:
             return Bootstrap.from_document(self.root_document, parse_root(self.root_document))
         return Bootstrap.from_keys(self.raw_keys, self.threshold)
@@ -169,6 +174,9 @@ class Config:
     boot: BootSection
     install: InstallSection
     log: LogSection
+    health: HealthSection = field(default_factory=HealthSection)
+    hooks: HooksSection = field(default_factory=HooksSection)
+    activate: ActivateSection = field(default_factory=ActivateSection)
     source: str = "<memory>"
 
 
@@ -183,6 +191,7 @@ _SECTIONS: dict[str, set[str]] = {
     "boot": {"reporters", "timeout", "watch_pid"},
     "install": {"clone", "full_upgrades", "min_free", "max_download_rate"},
     "log": {"format", "level"},
+    **LAUNCH_SECTIONS,
 }
 
 
@@ -311,6 +320,7 @@ def _keys(value: Any) -> tuple[str, ...]:
     keys = _strings(value)
     if not keys:
         raise ValueError("expected at least one trusted key, the list is empty")
+    from patchd.trust.signing import parse_public_key
     for key in keys:
         parse_public_key(key)
     return keys
@@ -382,6 +392,7 @@ def _trust(r: _Reader) -> TrustSection:
                            f"is {threshold} but only {len(set(keys))} distinct keys are trusted"))
     document = b""
     if root_file:
+        from patchd.trust.root import parse_root
         try:
             document = Path(root_file).read_bytes()
             parse_root(document)
@@ -448,10 +459,12 @@ def config_from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         format=r.get("log", "format", _one_of("auto", "journal", "json", "console"), "auto"),
         level=r.get("log", "level", _one_of("debug", "info", "warning", "error"), "info"),
     )
+    health, hooks, activate = launch_sections(r)
     if r.problems:
         raise ConfigErrors(source, r.problems)
     return Config(app=app, server=server, trust=trust, paths=paths, api=api, boot=boot,
-                  install=install, log=log, source=source)
+                  install=install, log=log, health=health, hooks=hooks, activate=activate,
+                  source=source)
 
 
 def _toml_value(value: Any) -> str:

@@ -58,6 +58,7 @@ The class of an error decides the policy, so the policy lives here and nowhere e
     ├── PackError                 the publisher cannot pack these trees
     ├── SignCommandFailed         a ``--sign-cmd`` failed or returned a bad signature
     ├── DemoFailed                a step of ``patchd demo`` did not turn out as told
+    ├── LaunchFailed              ``patchd launch`` gave up: no build it started was healthy
     ├── StateLocked               another process owns the state directory
     ├── UsageError                the CLI was called wrongly (exit 2)
     └── UnexpectedError           an exception patchd did not foresee (a bug), logged once
@@ -410,6 +411,11 @@ class SignCommandFailed(PatchdError):
 
 class DemoFailed(PatchdError):
     """A step of the demo did not turn out as the narrative says it should."""
+
+
+class LaunchFailed(PatchdError):
+    """``patchd launch`` started every build it could fall back to, or ``[health]
+    attempts`` in a row, and none passed its boot; or it could not start the app."""
 
 
 class StateLocked(PatchdError):

@@ -14,6 +14,7 @@ import argparse
 import grp
 import os
 import signal
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -119,11 +120,20 @@ class Daemon:
                 "currently_booting": _optional(p.currently_booting),
                 "builds": builds, "activity": self.board.current.to_json(),
                 "last_check": self.checks.last_check, "next_check": self.checks.next_check,
-                "last_error": self.checks.last_error, "hold": self.hold_info()}
+                "last_error": self.checks.last_error, "hold": self.hold_info(),
+                "activation": self._activation(p)}
 
     def hold_info(self) -> dict[str, Any] | None:
         hold = self.updater.hold
         return hold.to_json() if hold is not None else None
+
+    def _activation(self, p: Any) -> dict[str, Any] | None:
+        """A build that replaces the one running, and when (``[activate]``); None when
+        next_boot is what booted last, or a boot is under way."""
+        if p.last_booted in (None, p.next_boot) or p.currently_booting is not None:
+            return None
+        now = datetime.now().astimezone()
+        return {"build": p.next_boot.to_json(), **self.config.activate.when(now)}
 
     async def check_now(self) -> Decision:
         return await self.checks.check_now()

@@ -19,12 +19,13 @@ type BuildInfo (build: Build, state: string, reason: ?string, size: ?int)
 type Activity (phase: string, build: ?Build, done: int, total: int)
 
 type HoldInfo (reason: string, since: string)
+type Activation (build: Build, policy: string, opens: ?string, closes: ?string)
 
 method GetStatus() -> (app: string, channel: string, release: string,
   next_boot: Build, last_booted: ?Build, currently_booting: ?Build,
   builds: []BuildInfo, activity: Activity,
   last_check: ?string, next_check: ?string, last_error: ?string,
-  hold: ?HoldInfo)
+  hold: ?HoldInfo, activation: ?Activation)
 method GetBootTarget() -> (build: Build, path: string)
 method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()

@@ -39,6 +39,7 @@ from patchd.core.errors import (
 from patchd.core.model import Bad, BadReason, Build, utc_now_text
 from patchd.fetch.sources import Source
 from patchd.service.events import EventQueue
+from patchd.service.hooks import post_install
 from patchd.state import (
     Action,
     ClientState,
@@ -283,6 +284,7 @@ class Updater:
         self._promote(build)
         if installed:
             self.events.add("install", build)
+            await post_install(self.config, self.lifecycle, build)
 
     async def _fetch(self, build: Build, ref: BundleRef, url: str, action: Action,
                      offset: int, source: Source, job: Progress) -> Path:
@@ -338,6 +340,7 @@ class Updater:
             raise
         self._promote(build)
         self.events.add("install", build)
+        await post_install(self.config, self.lifecycle, build)
 
     async def _install(self, build: Build, kind: str, bundle: Path, job: Progress) -> None:
         """Materialise the tree in a worker thread; report a bad bundle as an event."""
