@@ -103,7 +103,7 @@ async def test_updater_interface_members(sockdir: Path) -> None:
     async with running(updater_service(), path):
         members = await in_thread(query)
     assert members == [
-        "Build", "BuildInfo", "Activity", "HoldInfo",
+        "Build", "BuildInfo", "Activity", "HoldInfo", "Activation",
         "GetStatus", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
         "CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark", "WatchActivity",
         "NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed", "InvalidBundle",

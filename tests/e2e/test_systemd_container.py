@@ -173,12 +173,14 @@ def wait_journal(c: Container, cursor: str, what: str,
         time.sleep(0.1)
 
 
-def doc_block(start: str) -> str:
-    """The fenced code block of docs/host-integration.md that begins with ``start``."""
+def doc_block(start: str, holding: str = "") -> str:
+    """The fenced code block of docs/host-integration.md that begins with ``start``
+    (and holds ``holding``: the docs show one app unit per way of launching)."""
     for block in re.findall(r"```\w*\n(.*?)```", DOCS.read_text(), re.DOTALL):
-        if block.startswith(start):
+        if block.startswith(start) and holding in block:
             return str(block)
-    raise AssertionError(f"docs/host-integration.md has no block starting {start!r}")
+    raise AssertionError(f"docs/host-integration.md has no block starting {start!r}"
+                         f" holding {holding!r}")
 
 
 def app_script(message: str, crash: bool = False) -> str:
@@ -199,10 +201,15 @@ def write_config(c: Container, public: str, extra: str = "") -> None:
     os.replace(c.path(CONFIG + ".new"), c.path(CONFIG))
 
 
-def publish_patch(c: Container, patch: int, message: str, crash: bool = False) -> None:
+def publish_patch(c: Container, patch: int, message: str, crash: bool = False,
+                  app: str | None = None, files: dict[str, str] | None = None) -> None:
     tree = c.path(f"/root/trees/p{patch}")
     shutil.copytree(c.path(f"/opt/{APP}"), tree, symlinks=True)
-    (tree / "bin" / APP).write_text(app_script(message, crash))
+    (tree / "bin" / APP).write_text(app if app is not None else app_script(message, crash))
+    for rel, text in (files or {}).items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+        (tree / rel).chmod(0o755)
     bundle = f"/root/{APP}-1.0+{patch}.patchd"
     c.run(f"mkdir -p {REPO_DIR}")
     c.run(f"patchd pack --app {APP} --release 1.0 --patch {patch} --base /opt/{APP} "
@@ -316,7 +323,7 @@ def test_app_boots_through_patchd_and_a_crashing_patch_rolls_back(c: Container) 
     """The app unit of docs/host-integration.md boots patch 1 through the launcher;
     patch 2 crashes at start, is marked bad, and systemd's restart boots patch 1."""
     c.write(f"/etc/systemd/system/{APP}.service",
-            doc_block(f"# /etc/systemd/system/{APP}.service"))
+            doc_block(f"# /etc/systemd/system/{APP}.service", "ExecStart=/opt/"))
     with c.expect_errors():
         c.run(f"patchd check {APP} --wait")
         assert status(c)["next_boot"] == build("1.0", 1)
@@ -446,6 +453,48 @@ def test_upgrade_restarts_running_instances(c: Container) -> None:
     assert c.show(UNIT, "MainPID")["MainPID"] != before
     assert c.show(f"{APP}.service", "MainPID")["MainPID"] == app_pid
     assert status(c)["last_booted"] == build("1.0", 1)
+
+
+def test_patchd_launch_rolls_back_a_failing_health_check(c: Container) -> None:
+    """The unit of docs/host-integration.md that runs `patchd launch` (#18). Patch 3
+    activates at once (`[activate] policy = "immediate"`) and is judged healthy; patch
+    4's required health check fails, so the launcher reports BootFailure naming the
+    check and restarts the app on patch 3, while the unit stays up (same MainPID).
+    None of it is an error-priority line: a failed health check is handled."""
+    c.run(f"systemctl stop {APP}")
+    c.write(f"/etc/systemd/system/{APP}.service",
+            doc_block(f"# /etc/systemd/system/{APP}.service", "patchd launch"))
+    write_config(c, Memo.public, extra='\n[activate]\npolicy = "immediate"\n')
+    serve = '#!/bin/sh\necho "kiosk: {}"\nexec sleep infinity\n'  # the launcher reports
+    publish_patch(c, 3, "", app=serve.format("patch 3 under patchd launch"))
+    with c.expect_errors():
+        c.run(f"patchd check {APP} --wait")
+        c.run(f"systemctl daemon-reload && systemctl start {APP}")
+        wait_status(c, "patch 3 booted by the launcher",
+                    lambda s: s["last_booted"] == build("1.0", 3))
+    props = c.show(f"{APP}.service", "ActiveState", "MainPID")
+    assert props["ActiveState"] == "active", props
+
+    check = "patchd/health/required.d/10-database"
+    publish_patch(c, 4, "", app=serve.format("patch 4"), files={
+        check: '#!/bin/sh\necho "database unreachable"\nexit 1\n'})
+    cursor = c.cursor()
+    with c.expect_errors():
+        c.run(f"patchd check {APP} --wait")
+        after = wait_status(c, "patch 4 rolled back by its health check",
+                            lambda s: state(s, 4) == "bad"
+                            and s["last_booted"] == build("1.0", 3)
+                            and s["currently_booting"] is None, timeout=90)
+    bad = next(b for b in after["builds"] if b["build"] == build("1.0", 4))
+    assert bad["reason"] == "boot_failure", bad
+    assert after["next_boot"] == build("1.0", 3)
+    (failed,) = wait_journal(c, cursor, "the launcher named the failed check",
+                             lambda e: e.get("PATCHD_EVENT") == "health.required_failed")
+    assert "10-database" in failed["PATCHD_CHECK"], failed
+    assert c.show(f"{APP}.service", "ActiveState", "MainPID") == props  # never restarted
+    app_log = c.out(f"journalctl -u {APP} -o cat --no-pager")
+    assert app_log.rindex("kiosk: patch 3 under patchd launch") > app_log.rindex("kiosk: patch 4")
+    c.run(f"systemctl stop {APP}")
 
 
 def test_error_lines_over_the_whole_run(c: Container) -> None:
