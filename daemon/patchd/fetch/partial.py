@@ -44,7 +44,8 @@ class PartialFile:
     """The file being downloaded, its running SHA-256 and its length; used from threads.
 
     Every method is blocking and must run in a worker thread. Writes never go past
-    ``size``; the file is always a prefix of one stream.
+    ``size``; the file is always a prefix of one stream. :meth:`write` and :meth:`hash`
+    may run in two threads at once (the pump's writer and hasher), each in order.
     """
 
     def __init__(self, files: DownloadFiles, size: int) -> None:
@@ -98,36 +99,31 @@ class PartialFile:
             self.done += len(data)
         os.lseek(self._fd, self.done, os.SEEK_SET)
 
-    def write_batch(self, chunks: list[bytes]) -> int:
-        """Append and hash ``chunks``; raise before writing a byte beyond ``size``.
+    def write(self, data: memoryview) -> int:
+        """Append ``data``; raise before writing a byte beyond ``size``. Each written
+        byte must then be passed to :meth:`hash` in the same order, before :meth:`finish`.
 
-        The chunks that fit are joined and written and hashed in one call each: every
-        call that releases the GIL must win it back from the event loop thread, which
-        can take a whole switch interval (5 ms), so fewer calls mean a faster download.
+        One call per receive buffer (a MiB): the write releases the GIL for the whole
+        buffer, and the hash of the previous buffer runs beside it in another thread.
         """
-        fits: list[bytes] = []
-        end = self.done
-        for chunk in chunks:
-            if end + len(chunk) > self.size:
-                break
-            fits.append(chunk)
-            end += len(chunk)
-        data = fits[0] if len(fits) == 1 else b"".join(fits)
-        with disk_errors(self.dest):
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            self._hash.update(data)
-            self.done = end
-            if self.done - self._flushed >= WRITEBACK_STEP:
-                self._start_writeback()
-        if len(fits) < len(chunks):
+        if self.done + len(data) > self.size:
             raise DownloadOversize(
                 f"{self.dest.name}: server sent more than the manifest's "
                 f"{self.size} bytes; refusing it"
             )
+        with disk_errors(self.dest):
+            view = data
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self.done += len(data)
+            if self.done - self._flushed >= WRITEBACK_STEP:
+                self._start_writeback()
         return self.done
+
+    def hash(self, data: memoryview) -> None:
+        """Add written bytes to the running SHA-256 (see :meth:`write`)."""
+        self._hash.update(data)
 
     def _start_writeback(self) -> None:
         """Start writing what we wrote to disk now, without waiting for it.
