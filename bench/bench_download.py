@@ -140,8 +140,8 @@ def make_tuf_repo(root: Path, bundle: Path) -> None:
     """A python-tuf repository (one key for every role) whose only target is ``bundle``."""
     from securesystemslib.signer import CryptoSigner
     from tuf.api.metadata import (
-        MetaFile,
         Metadata,
+        MetaFile,
         Root,
         Snapshot,
         TargetFile,
@@ -164,7 +164,7 @@ def make_tuf_repo(root: Path, bundle: Path) -> None:
     os.link(bundle, root / "targets" / "b.patchd")  # the same file, the same page cache
     for name, signed in (("1.root", top), ("targets", targets), ("snapshot", snapshot),
                          ("timestamp", timestamp)):
-        md: Metadata = Metadata(signed)  # type: ignore[type-arg]
+        md = Metadata(signed)
         md.sign(signer)
         md.to_file(str(root / "metadata" / f"{name}.json"))
 
