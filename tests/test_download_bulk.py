@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import anyio
 import httpx
 import pytest
 
-from patchd.core.errors import NetworkError
+from patchd.core.errors import DownloadStalled, NetworkError
+from patchd.fetch import DownloadPolicy
 from patchd.fetch.pump import Progress
 from patchd.fetch.sources import HttpSource
 from patchd.fetch.wire import body_socket
@@ -84,25 +86,87 @@ async def test_cancel_during_a_silent_body_returns_at_once_and_closes(
     assert closed_after and closed_after[0] is not None and closed_after[0] < 2.0
 
 
+async def test_a_stalled_chunked_body_ends_in_a_window_and_keeps_its_bytes(
+        badserver: BadServer, tmp_path: Path) -> None:
+    """A chunked body is read through httpx, whose read cannot tick: when it goes silent
+    the stall rule still ends the download within a window (not at the 30 s read
+    timeout), the bytes received before are kept, and the connection is closed."""
+    closed_after: list[float | None] = []
+
+    def handler(req: Request, conn: Conn) -> None:
+        conn.head(200, {"Transfer-Encoding": "chunked"})
+        conn.send(b"3e8\r\n" + DATA[:1000] + b"\r\n")
+        closed_after.append(wait_closed(conn, 5))
+
+    badserver.handler = handler
+    dest = tmp_path / "b.patchd"
+    src = HttpSource(badserver.url("/manifest.json"), timeout=30.0,
+                     policy=DownloadPolicy(stall_window=0.5, stall_min_bytes=1))
+    async with src:  # open throughout, like the daemon's client
+        started = time.monotonic()
+        with pytest.raises(DownloadStalled):
+            await src.download(badserver.url("/b.patchd"), dest, size=SIZE, sha256=SHA,
+                               offset=0, progress=None)
+        assert time.monotonic() - started < 2.0
+        await anyio.to_thread.run_sync(lambda: badserver.close())  # joins the handler
+    assert dest.read_bytes() == DATA[:1000]
+    assert closed_after and closed_after[0] is not None and closed_after[0] < 2.0
+
+
 async def test_cancel_while_waiting_for_the_head_returns_at_once(
         badserver: BadServer, tmp_path: Path) -> None:
     """Cancelled while the head thread waits for a server that never answers, the
-    download returns within a second."""
+    download returns within a second, and the thread left behind lets go of the
+    connection at once (not after the 30 s read timeout)."""
     asked = threading.Event()
+    closed_after: list[float | None] = []
 
     def handler(req: Request, conn: Conn) -> None:
         asked.set()
-        conn.stop.wait(10)
+        closed_after.append(wait_closed(conn, 5))
 
     badserver.handler = handler
     cancelled_at = 0.0
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(fetch, badserver, tmp_path / "b.patchd")
-        await anyio.to_thread.run_sync(asked.wait, 10)
-        assert asked.is_set()
-        cancelled_at = time.monotonic()
-        tg.cancel_scope.cancel()
-    assert time.monotonic() - cancelled_at < 1.0
+    async with HttpSource(badserver.url("/manifest.json"), timeout=30.0) as src:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(src.download, badserver.url("/b.patchd"),
+                                  tmp_path / "b.patchd", size=SIZE, sha256=SHA, offset=0,
+                                  progress=None))
+            await anyio.to_thread.run_sync(asked.wait, 10)
+            assert asked.is_set()
+            cancelled_at = time.monotonic()
+            tg.cancel_scope.cancel()
+        assert time.monotonic() - cancelled_at < 1.0
+        # The client stays open (the daemon's does): the thread must let go by itself.
+        await anyio.to_thread.run_sync(lambda: badserver.close())  # joins the handler
+    assert closed_after and closed_after[0] is not None and closed_after[0] < 2.0
+
+
+async def test_a_head_trickled_past_the_stall_window_is_cut_off(
+        badserver: BadServer, tmp_path: Path) -> None:
+    """Header lines trickled forever end in DownloadStalled after one stall window, and
+    the connection is closed then, not left to the thread until h11's head limit."""
+    gone: list[float] = []
+    cut = threading.Event()
+
+    def handler(req: Request, conn: Conn) -> None:
+        conn.send(b"HTTP/1.1 200 OK\r\n")
+        while not conn.stop.wait(0.05):
+            if not conn.send(b"X-Slow: 1\r\n"):
+                gone.append(time.monotonic())
+                cut.set()
+                return
+
+    badserver.handler = handler
+    src = HttpSource(badserver.url("/manifest.json"), timeout=5.0,
+                     policy=DownloadPolicy(stall_window=0.5))
+    async with src:  # open throughout, like the daemon's client
+        with pytest.raises(DownloadStalled, match="no complete response head"):
+            await src.download(badserver.url("/b.patchd"), tmp_path / "b.patchd", size=SIZE,
+                               sha256=SHA, offset=0, progress=None)
+        stalled_at = time.monotonic()
+        await anyio.to_thread.run_sync(cut.wait, 5)
+    assert gone and gone[0] - stalled_at < 1.5
 
 
 async def test_body_slower_than_a_tick_within_the_read_timeout_completes(

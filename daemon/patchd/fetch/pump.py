@@ -61,9 +61,10 @@ class Body:
     """A response body, read from the receive thread; closed from anywhere.
 
     A subclass implements :meth:`_read` and :meth:`_release`. :meth:`close` releases the
-    resource at once, or, while a thread is inside :meth:`readinto`, as soon as that
-    read returns: a socket or file is never closed under a read (its descriptor number
-    could be reused by the time the read's system call starts).
+    resource at once, or, while a thread is inside :meth:`readinto` (a receive thread
+    left behind by a cancel), interrupts the read and lets that thread release it when
+    the read returns: a socket or file is never closed under a read (its descriptor
+    number could be reused by the time the read's system call starts).
     """
 
     def __init__(self) -> None:
@@ -93,9 +94,15 @@ class Body:
             if self._closed:
                 return
             self._closed = True
-            if self._reading:
-                return
-        self._release()
+            reading = self._reading
+        if reading:
+            self.interrupt()  # the reader releases it when its read returns
+        else:
+            self._release()
+
+    def interrupt(self) -> None:
+        """End the body now: a read in progress returns soon, later ones find the end
+        (default: nothing; the reads return within their timeout anyway)."""
 
     def _read(self, view: memoryview, timeout: float) -> int | None:
         raise NotImplementedError
@@ -141,6 +148,9 @@ class _Pump:
             self.error = exc
         self.drop = self.drop or drop
         self.stop.set()
+        # A read that cannot tick (httpx's, for a chunked body) must not hold the pump
+        # until the read timeout: the response is given up anyway.
+        self.body.interrupt()
 
     async def run(self) -> None:
         async with anyio.create_task_group() as watchdogs:

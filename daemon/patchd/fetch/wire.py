@@ -35,6 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import httpx
@@ -74,16 +75,46 @@ def http_errors(url: str) -> Iterator[None]:
         raise NetworkError(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
-class _HeadCall:
-    """``client.send(stream=True)`` in a worker thread that may be abandoned: a response
-    that arrives after the caller gave up is closed by the thread itself."""
+def _shut(stream: object) -> None:
+    """Wake a thread blocked on ``stream``'s socket: it reads the end and gives up.
 
-    def __init__(self, client: httpx.Client, request: httpx.Request) -> None:
+    ``socket.socket.shutdown`` rather than the stream's own: on an ``ssl.SSLSocket``
+    that would also drop its TLS state under the reading thread.
+    """
+    get_extra_info = getattr(stream, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _HeadCall:
+    """``client.send(stream=True)`` in a worker thread that may be abandoned.
+
+    A response that arrives after the caller gave up is closed by the thread itself, and
+    :meth:`abandon` shuts down the connections the request opened (learnt from httpx's
+    documented ``trace`` extension), so a thread held by a server trickling its head
+    ends at once instead of after h11's head limit.
+    """
+
+    def __init__(self, client: httpx.Client, url: str, headers: dict[str, str]) -> None:
         self.client = client
-        self.request = request
+        self.request = client.build_request("GET", url, headers=headers,
+                                            extensions={"trace": self._trace})
         self._lock = threading.Lock()
         self._abandoned = False
         self._response: httpx.Response | None = None
+        self._streams: list[object] = []
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        stream = info.get("return_value")
+        if not event.endswith(".complete") or not hasattr(stream, "get_extra_info"):
+            return
+        with self._lock:
+            self._streams.append(stream)
+            abandoned = self._abandoned
+        if abandoned:
+            _shut(stream)
 
     def run(self) -> httpx.Response:
         response = self.client.send(self.request, stream=True)
@@ -98,8 +129,12 @@ class _HeadCall:
         with self._lock:
             self._abandoned = True
             response, self._response = self._response, None
+            streams = list(self._streams)
         if response is not None:
             response.close()
+            return
+        for stream in streams:
+            _shut(stream)
 
 
 async def send_head(
@@ -108,7 +143,7 @@ async def send_head(
     """GET ``url`` with the bulk client: the response with its body unread. The head must
     arrive within ``window`` seconds (httpx's read timeout is per read, so a server
     trickling header lines would otherwise hold us until h11's 64 KiB head limit)."""
-    call = _HeadCall(client, client.build_request("GET", url, headers=headers))
+    call = _HeadCall(client, url, headers)
     response: httpx.Response | None = None
     try:
         with anyio.move_on_after(window):
@@ -186,6 +221,9 @@ class IterBody(Body):
 
     def _release(self) -> None:
         self.response.close()
+
+    def interrupt(self) -> None:
+        _shut(self.response.extensions.get("network_stream"))
 
 
 class SocketBody(IterBody):
