@@ -187,7 +187,7 @@ def finish(proc: subprocess.Popen[bytes], what: str) -> dict[str, float]:
 def pipeline(url: str, out: Path, sha: str) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    cmd = f"curl -s {url} | tee {out} | {sys.executable} -c \"{SHA_SNIPPET}\""
+    cmd = f"curl -s {url} | tee {out} | {sys.executable} -I -S -c \"{SHA_SNIPPET}\""
     got = subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

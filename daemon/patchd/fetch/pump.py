@@ -114,8 +114,8 @@ class Body:
 class _Pump:
     """Receive thread → writer thread → hasher thread, with stall and rate watchdogs.
 
-    The threads never raise into the event loop: the first error is kept, both threads
-    are told to stop, and the caller sees that error itself once they have.
+    The threads never raise into the event loop: the first error is kept, every thread
+    is told to stop, and the caller sees that error itself once they have.
     """
 
     def __init__(
@@ -243,8 +243,11 @@ class _Pump:
                     self._wait(self.limiter.reserve(n))
                     if now - first >= FLUSH_AFTER:
                         break
-                filled, buf = buf[:fill], None
-                self.full.put(filled)
+                if fill:
+                    self.full.put(buf[:fill])
+                else:
+                    self.free.put(buf)
+                buf = None
         finally:
             # What was received before the end, an error or a stop is a prefix of the
             # stream: the writer lands it (unless it was told to drop everything).
