@@ -11,9 +11,11 @@ handles a byte of it:
 
 The body is read with ``recv_into`` on the connection's socket, straight into the
 pump's buffers (:class:`SocketBody`): one system call, or one TLS record, per read, no
-HTTP framing in Python and no copy on the way. The socket is the one httpx's
-``network_stream`` response extension exposes (``get_extra_info``), and it is used only
-where it certainly carries exactly the body's bytes:
+HTTP framing in Python and no copy on the way. The socket comes from the response's
+``network_stream`` extension (httpx and httpcore document it and its
+``get_extra_info``; every httpcore backend answers ``get_extra_info("socket")``, and
+without an answer the body is read through httpx, below). It is used only where it
+certainly carries exactly the body's bytes:
 
 - HTTP/1.x with a ``Content-Length`` and no ``Transfer-Encoding``: the body is the next
   ``Content-Length`` bytes, and nothing past them is read;
