@@ -12,12 +12,14 @@ the expected sha256 and the origin's validators the prefix came from.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import anyio
 
@@ -130,13 +132,13 @@ class PartialFile:
 
         The final fsync must make the whole file durable; left to the kernel, a large
         download sits dirty in the page cache and that fsync then writes all of it
-        while nothing else happens. POSIX_FADV_DONTNEED on Linux starts asynchronous
-        writeback of the range (and drops pages already clean), so the disk works
-        while the network does.
+        while nothing else happens. ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` starts
+        asynchronous writeback of the range, so the disk works while the network does;
+        the pages stay cached (clean, so reclaimable at once), and the install that
+        follows reads the bundle from memory. (``POSIX_FADV_DONTNEED``, used before,
+        also drops the pages: measured 0.9 CPU-s/GiB more, 40 % slower.)
         """
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, self._flushed, self.done - self._flushed,
-                             os.POSIX_FADV_DONTNEED)
+        _start_writeback(self._fd, self._flushed, self.done - self._flushed)
         self._flushed = self.done
 
     def restart(self) -> None:
@@ -193,6 +195,32 @@ class PartialFile:
         """Delete the meta: the download is complete and verified."""
         with contextlib.suppress(FileNotFoundError):
             self.files.meta.unlink()
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """glibc's and musl's ``sync_file_range`` (Python has no binding), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` to the disk."""
+    if _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(
+            fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0:
+        return
+    # No sync_file_range (or it failed, as on some exotic file systems): the portable
+    # way, which also drops the pages once clean.
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 @contextlib.contextmanager
