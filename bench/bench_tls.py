@@ -4,15 +4,18 @@ One nginx serves the same file twice, on a plain and on an HTTPS port (a certifi
 made at bench time by trustme, its CA given to patchd as ``server.ca_file`` would be).
 patchd's download (``HttpSource.download``: receive, hash, write, fsync) runs in a
 child process per transfer, alternating plain and TLS, median of three each. Prints
-both throughputs, their ratio and each child's CPU seconds per GiB.
+both throughputs, their ratio (target: TLS within 25 % of plain, issue #21) and each
+child's CPU seconds per GiB, with the machine's load. ``--before DIR`` adds patchd from
+another source tree (``DIR/daemon``) to the same run.
 
-    bench/bench_tls.py [--size-mb 256]
+    bench/bench_tls.py [--size-mb 256] [--before DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,9 +56,14 @@ def child(url: str, dest: str, size: int, sha: str, ca_file: str) -> None:
     print(json.dumps({"seconds": seconds, "cpu": cpu}))
 
 
-def run_child(url: str, dest: Path, size: int, sha: str, ca_file: str) -> dict[str, float]:
+def run_child(url: str, dest: Path, size: int, sha: str, ca_file: str,
+              pythonpath: str | None = None) -> dict[str, float]:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, __file__, "--child", url, str(dest), str(size), sha,
-                          ca_file], check=True, capture_output=True, text=True).stdout
+                          ca_file], check=True, capture_output=True, text=True,
+                         env=env).stdout
     dest.unlink()
     result: dict[str, float] = json.loads(out)
     return result
@@ -64,6 +72,8 @@ def run_child(url: str, dest: Path, size: int, sha: str, ca_file: str) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=256)
+    parser.add_argument("--before", default="", help="a source tree whose daemon/ is "
+                        "patchd before a change, measured in the same run")
     parser.add_argument("--child", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.child:
@@ -76,6 +86,8 @@ def main() -> int:
     from support.nginx import NginxTls, run_nginx
 
     size = ns.size_mb * MiB
+    before = str(Path(ns.before).resolve() / "daemon") if ns.before else None
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
     with tempfile.TemporaryDirectory(prefix="patchd-bench-tls-") as tmp:
         work = Path(tmp)
         root = work / "repo"
@@ -88,12 +100,16 @@ def main() -> int:
         ca.cert_pem.write_to_path(str(work / "ca.pem"))
         tls = NginxTls(cert_chain=work / "server.pem", key=work / "server.pem")
         figures: dict[str, list[dict[str, float]]] = {"http": [], "https": []}
+        if before:
+            figures.update({"http (before)": [], "https (before)": []})
         with run_nginx(root, work / "plain") as plain, \
                 run_nginx(root, work / "tls", tls=tls) as secure:
             for _ in range(ROUNDS):
-                for scheme, repo in (("http", plain), ("https", secure)):
-                    figures[scheme].append(run_child(repo.url("b.patchd"), work / "out",
-                                                     size, sha, str(work / "ca.pem")))
+                for name in figures:
+                    repo = secure if name.startswith("https") else plain
+                    path = before if name.endswith("(before)") else None
+                    figures[name].append(run_child(repo.url("b.patchd"), work / "out",
+                                                   size, sha, str(work / "ca.pem"), path))
 
     def mib_s(scheme: str) -> float:
         return statistics.median(size / MiB / f["seconds"] for f in figures[scheme])
@@ -103,11 +119,15 @@ def main() -> int:
 
     plain_mbs, tls_mbs = mib_s("http"), mib_s("https")
     ratio = tls_mbs / plain_mbs
-    print(f"size           {ns.size_mb} MiB, median of {ROUNDS}, alternating")
-    print(f"plain HTTP     {plain_mbs:8.1f} MiB/s  {cpu_gib('http'):.2f} CPU-s/GiB")
-    print(f"TLS            {tls_mbs:8.1f} MiB/s  {cpu_gib('https'):.2f} CPU-s/GiB")
-    print(f"TLS / plain    {ratio:8.2f}")
-    emit("download.tls_throughput", tls_mbs, "MiB/s", "(figure; TLS vs plain)", True,
+    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"size           {ns.size_mb} MiB, median of {ROUNDS}, alternating; "
+          f"load {' '.join(load_start)} → {' '.join(load_end)}")
+    for name in figures:
+        print(f"{name:16s} {mib_s(name):8.1f} MiB/s  {cpu_gib(name):.2f} CPU-s/GiB")
+    print(f"TLS / plain    {ratio:8.2f}    target ≥ 0.75")
+    if before:
+        print(f"TLS / plain (before) {mib_s('https (before)') / mib_s('http (before)'):8.2f}")
+    emit("download.tls_throughput", tls_mbs, "MiB/s", ">= 0.75x plain", ratio >= 0.75,
          baseline=plain_mbs, ratio=ratio)
     emit("download.tls_cpu_per_gib", cpu_gib("https"), "CPU-s/GiB", "(figure only)", True,
          baseline=cpu_gib("http"), ratio=cpu_gib("https") / cpu_gib("http"))

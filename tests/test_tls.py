@@ -1,5 +1,6 @@
 """Authenticated transport against a real nginx with TLS: CAs, client certificates,
-bearer tokens, redirects, resume, and one client (one connection) per configuration.
+bearer tokens, redirects, resume, and one client (one control connection, and bundle
+bodies over the bulk client's own) per configuration.
 
 Certificates are made at test time with trustme; the client is built from a real
 config (``[server]`` keys) exactly as the daemon builds it.
@@ -99,9 +100,10 @@ async def fetch(repo: NginxRepo, s: TransportSettings) -> bytes:
         await clients.aclose()
 
 
-async def test_private_ca_fetches_everything_on_one_connection(tmp_path: Path,
-                                                               ca: trustme.CA) -> None:
-    """With ca_file, manifest, signature and bundle arrive over one TLS connection."""
+async def test_private_ca_fetches_documents_on_one_connection_and_the_bundle_on_its_own(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    """With ca_file, manifest and signature share one TLS connection; the bundle's body
+    comes over the bulk client's own connection (read off its socket in a thread)."""
     data = os.urandom(1024 * 1024)
     with serve(tmp_path, ca) as repo:
         (repo.root / "b.patchd").write_bytes(data)
@@ -116,7 +118,43 @@ async def test_private_ca_fetches_everything_on_one_connection(tmp_path: Path,
         await clients.aclose()
         lines = repo.barrier()
         assert [r.path for r in lines] == ["/manifest.json", "/manifest.json.sig", "/b.patchd"]
-        assert len({r.connection for r in lines}) == 1
+        assert lines[0].connection == lines[1].connection != lines[2].connection
+
+
+async def test_bundle_connection_has_the_control_traffics_certificate_and_token(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    """The bulk client that carries bundle bodies is built from the same settings: with
+    a client certificate and a token nginx demands, a bundle downloads; without the
+    token it is refused like the manifest would be."""
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    fleet = trustme.CA()
+    check = f'if ($http_authorization != "{TOKEN}") {{ return 401; }}'
+    with serve(tmp_path, ca, client_ca=fleet, location=check) as repo:
+        assert repo.tls is not None and repo.tls.client_cert is not None
+        (repo.root / "b.patchd").write_bytes(data)
+        headers = tmp_path / "headers"
+        headers.write_text(f"Authorization: {TOKEN}\n")
+        headers.chmod(0o600)
+        mtls = {"ca_file": ca_file(tmp_path, ca), "client_cert": str(repo.tls.client_cert),
+                "client_key": str(repo.tls.client_key)}
+        dest = tmp_path / "b.patchd"
+        clients = HttpClients()
+        try:
+            for s, token in ((settings(tmp_path, **mtls), False),
+                             (settings(tmp_path, headers_file=str(headers), **mtls), True)):
+                async with source(repo, clients, s) as src:
+                    download = src.download(src.resolve("b.patchd"), dest, size=len(data),
+                                            sha256=sha, offset=0, progress=None)
+                    if not token:
+                        with pytest.raises(RepositoryError, match="server answered 401"):
+                            await download
+                    else:
+                        await download
+        finally:
+            await clients.aclose()
+        assert dest.read_bytes() == data
+        assert [r.status for r in repo.barrier() if r.path == "/b.patchd"] == [401, 200]
 
 
 async def test_unchanged_poll_is_one_request_without_a_new_handshake(tmp_path: Path,

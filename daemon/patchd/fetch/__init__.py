@@ -14,10 +14,13 @@ The rules, each kept in one place:
   truncates (and fsyncs) the file before the new origin's validators are recorded in
   the meta beside it (:class:`patchd.state.layout.DownloadFiles`), so a resume after a
   crash never sends ``If-Range`` for bytes that came from another version of the file.
-- SHA-256 continues over the bytes already on disk, then over new bytes; the hash
-  and the writes run in worker threads, fed through a bounded memory stream, so memory
-  stays bounded (a few hundred KiB, < 1 MiB fetched again after a SIGKILL) and the
-  event loop stays responsive.
+- SHA-256 continues over the bytes already on disk, then over new bytes. A bundle's
+  body never reaches the event loop: the bulk client (httpx's synchronous twin of the
+  control client, same settings) sends the request in a worker thread, and the body is
+  read off the socket into four reused 1 MiB buffers, written and hashed by two more
+  threads (:mod:`~patchd.fetch.wire`, :mod:`~patchd.fetch.pump`). Memory stays
+  bounded, at most 4 MiB is fetched again after a SIGKILL, and a cancel is honoured
+  within a second.
 - Never more than the manifest's ``size`` bytes: a response that announces or sends
   more is aborted at once (:class:`DownloadOversize`, a :class:`BundleHashMismatch`,
   because bytes beyond the signed size cannot hash to the signed value).
@@ -52,8 +55,11 @@ Modules, each with one job:
   partial-file protocol and the limits, once for every transport;
 - :mod:`~patchd.fetch.http`, :mod:`~patchd.fetch.local`: the two transports, and what
   else their kind of repository needs (documents over HTTP, paths and capped reads);
-- :mod:`~patchd.fetch.pump`: network chunks → bounded queue → writer thread, with the
-  stall watchdog; :mod:`~patchd.fetch.limits`: the knobs, rate limiter, stall deadline;
+- :mod:`~patchd.fetch.wire`: a bundle's response: the head through the bulk client,
+  the body read off the connection's socket; :mod:`~patchd.fetch.client`: the clients;
+- :mod:`~patchd.fetch.pump`: receive → write → hash threads over reused buffers, with
+  the stall and rate watchdogs; :mod:`~patchd.fetch.limits`: the knobs, rate limiter,
+  stall deadline;
 - :mod:`~patchd.fetch.partial`: the partial file, its meta, :func:`verify_file`.
 
 Imports point down only: this layer uses :mod:`patchd.core`, :mod:`patchd.state.layout`

@@ -7,6 +7,12 @@ that leave the transport alone, and between the repository and the events POST. 
 one check the manifest, its signature, root versions and the bundle all go through it,
 so they share its keep-alive connection (one TLS handshake).
 
+Bundle bodies go through its twin, the bulk client (:meth:`RepoClient.bulk`): httpx's
+synchronous client, built from the same settings and the same SSL context, used from
+worker threads (:mod:`patchd.fetch.wire`), so that the event loop never handles a
+bundle's bytes. A bundle therefore has a connection of its own, with the same TLS,
+certificates, headers and proxy as the control traffic's.
+
 What the settings mean (docs/config.md#server):
 
 - ``ca_file`` **replaces** the system store: a private repository's certificate is
@@ -25,6 +31,7 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import httpx
@@ -34,7 +41,7 @@ from patchd import __version__
 from patchd.config import ServerSection
 from patchd.core.errors import RedirectRefused, TransportConfigError
 
-__all__ = ["USER_AGENT", "HttpClients", "TransportSettings", "build_client"]
+__all__ = ["USER_AGENT", "HttpClients", "RepoClient", "TransportSettings", "build_client"]
 
 log = structlog.get_logger("patchd.fetch.client")
 
@@ -87,15 +94,29 @@ def ssl_context(settings: TransportSettings) -> ssl.SSLContext:
     return ctx
 
 
-async def _refuse_downgrade(response: httpx.Response) -> None:
-    """Response hook: httpx calls it for every hop, before following a redirect."""
+def _downgrade(response: httpx.Response) -> RedirectRefused | None:
     request = response.request
     if not response.has_redirect_location or request.url.scheme != "https":
-        return
+        return None
     target = request.url.join(response.headers["location"])
     if target.scheme != "https":
-        raise RedirectRefused(f"{request.url}: redirected to {target}, from https to "
-                              f"{target.scheme}; refused (fix the server or the URL)")
+        return RedirectRefused(f"{request.url}: redirected to {target}, from https to "
+                               f"{target.scheme}; refused (fix the server or the URL)")
+    return None
+
+
+async def _refuse_downgrade(response: httpx.Response) -> None:
+    """Response hook: httpx calls it for every hop, before following a redirect."""
+    refused = _downgrade(response)
+    if refused is not None:
+        raise refused
+
+
+def _refuse_downgrade_sync(response: httpx.Response) -> None:
+    """The same hook for the bulk client."""
+    refused = _downgrade(response)
+    if refused is not None:
+        raise refused
 
 
 async def _finish_not_modified(response: httpx.Response) -> None:
@@ -106,24 +127,53 @@ async def _finish_not_modified(response: httpx.Response) -> None:
         await response.aread()
 
 
-def build_client(settings: TransportSettings,
-                 transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """A new client for ``settings`` (costly: see the module's docstring)."""
+def _client_args(settings: TransportSettings, ctx: ssl.SSLContext) -> dict[str, Any]:
+    """What the control client and the bulk client share: everything but the hooks."""
     headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
     headers.update(dict(settings.headers))
     timeout = settings.timeout
-    return httpx.AsyncClient(
-        http2=False,
-        follow_redirects=True,
-        max_redirects=settings.max_redirects,
-        timeout=httpx.Timeout(connect=timeout, read=timeout, write=timeout, pool=timeout),
-        trust_env=True,
-        verify=ssl_context(settings),
-        proxy=settings.proxy or None,
-        headers=headers,
-        event_hooks={"response": [_refuse_downgrade, _finish_not_modified]},
-        transport=transport,
-    )
+    return {
+        "http2": False,
+        "follow_redirects": True,
+        "max_redirects": settings.max_redirects,
+        "timeout": httpx.Timeout(connect=timeout, read=timeout, write=timeout, pool=timeout),
+        "trust_env": True,
+        "verify": ctx,
+        "proxy": settings.proxy or None,
+        "headers": headers,
+    }
+
+
+class RepoClient(httpx.AsyncClient):
+    """The client of one transport configuration: async for manifests, signatures,
+    roots and events, with the bulk client for bundle bodies beside it."""
+
+    def __init__(self, settings: TransportSettings) -> None:
+        self.settings = settings
+        self._ssl = ssl_context(settings)
+        super().__init__(**_client_args(settings, self._ssl),
+                         event_hooks={"response": [_refuse_downgrade, _finish_not_modified]})
+        self._bulk: httpx.Client | None = None
+
+    def bulk(self) -> httpx.Client:
+        """The synchronous twin for worker threads (built on first use, then kept)."""
+        if self._bulk is None:
+            self._bulk = httpx.Client(**_client_args(self.settings, self._ssl),
+                                      event_hooks={"response": [_refuse_downgrade_sync]})
+        return self._bulk
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            bulk, self._bulk = self._bulk, None
+            if bulk is not None:
+                bulk.close()
+
+
+def build_client(settings: TransportSettings) -> RepoClient:
+    """A new client for ``settings`` (costly: see the module's docstring)."""
+    return RepoClient(settings)
 
 
 class HttpClients:
@@ -135,15 +185,15 @@ class HttpClients:
 
     def __init__(self) -> None:
         self._settings: TransportSettings | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._retired: list[httpx.AsyncClient] = []
+        self._client: RepoClient | None = None
+        self._retired: list[RepoClient] = []
         #: How many clients were built (tests and the bench prove reuse with it).
         self.built = 0
 
     def __repr__(self) -> str:
         return f"<HttpClients built={self.built} {self._settings!r}>"
 
-    def get(self, settings: TransportSettings) -> httpx.AsyncClient:
+    def get(self, settings: TransportSettings) -> RepoClient:
         """The client for ``settings``: the current one if they did not change."""
         if self._client is None or settings != self._settings:
             client = build_client(settings)

@@ -2,11 +2,12 @@
 
 Two reads go over HTTP: a document (manifest, signature: :func:`get_document`, capped
 at :data:`patchd.trust.manifest.MAX_DOCUMENT_BYTES`, one stall rule and one total
-deadline from the request on) and a bundle's byte stream (:class:`HttpTransport`, the
-transport of the download template in :mod:`patchd.fetch.transfer`).
+deadline from the request on, on the event loop) and a bundle's byte stream
+(:class:`HttpTransport`, the transport of the download template in
+:mod:`patchd.fetch.transfer`: the bulk client in worker threads, :mod:`patchd.fetch.wire`).
 
 - ``Accept-Encoding: identity`` is sent, and the body is taken as *bytes on the wire*
-  (``aiter_raw``), never decoded: a store that labels a stored ``.patchd`` with
+  (raw, never decoded): a store that labels a stored ``.patchd`` with
   ``Content-Encoding`` (S3/GCS object metadata) still serves the right bytes, and a
   server that really transcodes is caught by the hash against the signed manifest.
 - A resume sends ``Range: bytes=N-`` and ``If-Range`` with the partial's strong ETag
@@ -23,8 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import anyio
@@ -33,68 +33,19 @@ import structlog
 
 from patchd.core.errors import (
     BundleNotFound,
-    DownloadStalled,
     DownloadTruncated,
     ManifestInvalid,
-    NetworkError,
     RepositoryError,
     ServerError,
 )
+from patchd.fetch.client import RepoClient
 from patchd.fetch.limits import DownloadPolicy, RateLimiter, StallDeadline
 from patchd.fetch.partial import Validators
 from patchd.fetch.transfer import Stream, Transport
+from patchd.fetch.wire import http_errors, open_body, send_head
 from patchd.trust.manifest import MAX_DOCUMENT_BYTES
 
 log = structlog.get_logger("patchd.fetch.http")
-
-
-def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError) and not isinstance(
-            cur, ssl.SSLEOFError | ssl.SSLZeroReturnError
-        ):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-@contextlib.contextmanager
-def http_errors(url: str) -> Iterator[None]:
-    """Translate httpx's exceptions into patchd's classes at the boundary."""
-    try:
-        yield
-    except httpx.TooManyRedirects as exc:
-        raise RepositoryError(f"{url}: too many redirects ({exc}); fix the server") from exc
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-        raise RepositoryError(f"{url}: unsupported or invalid URL ({exc})") from exc
-    except httpx.TimeoutException as exc:
-        raise NetworkError(f"{url}: timed out ({type(exc).__name__})") from exc
-    except httpx.TransportError as exc:
-        tls = _tls_failure(exc)
-        if tls is not None:
-            raise RepositoryError(f"{url}: TLS failure: {tls}") from exc
-        raise NetworkError(f"{url}: {type(exc).__name__}: {exc}") from exc
-
-
-@contextlib.asynccontextmanager
-async def open_response(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], policy: DownloadPolicy,
-) -> AsyncIterator[httpx.Response]:
-    """``client.stream("GET", ...)`` whose response head must arrive within one stall
-    window: httpx's read timeout is per read, so a server trickling header lines one
-    byte per second would otherwise hold us until h11's 64 KiB head limit."""
-    async with contextlib.AsyncExitStack() as stack:
-        with anyio.move_on_after(policy.stall_window) as scope:
-            resp = await stack.enter_async_context(client.stream("GET", url, headers=headers))
-        if scope.cancelled_caught:
-            raise DownloadStalled(f"{url}: no complete response head within "
-                                  f"{policy.stall_window:g}s; stalled")
-        yield resp
-
-
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -182,11 +133,10 @@ async def get_document(
 
 
 class HttpTransport(Transport):
-    """Bundles over one ``httpx.AsyncClient``: a GET, ranged and conditional to resume."""
+    """Bundles over the bulk client of one :class:`RepoClient`: a GET, ranged and
+    conditional to resume, its body read in worker threads."""
 
-    def __init__(
-        self, client: httpx.AsyncClient, policy: DownloadPolicy, limiter: RateLimiter,
-    ) -> None:
+    def __init__(self, client: RepoClient, policy: DownloadPolicy, limiter: RateLimiter) -> None:
         super().__init__(policy, limiter)
         self.client = client
 
@@ -201,10 +151,18 @@ class HttpTransport(Transport):
             validator = if_range_value(origin)
             if validator:
                 headers["If-Range"] = validator
-        # Around the whole stream: the template reads the body inside this block.
         with http_errors(url):
-            async with open_response(self.client, url, headers, self.policy) as resp:
-                yield self._stream(resp, url, offset, size, ranged=ranged)
+            resp = await send_head(self.client.bulk(), url, headers, self.policy.stall_window)
+        stream: Stream | None = None
+        try:
+            stream = self._stream(resp, url, offset, size, ranged=ranged)
+            yield stream
+        finally:
+            # The receive thread may still be in a read (abandoned on cancel): the body
+            # closes the response once that read returns.
+            close = stream.body.close if stream is not None else resp.close
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(close)
 
     def _stream(
         self, resp: httpx.Response, url: str, offset: int, size: int, *, ranged: bool,
@@ -223,7 +181,7 @@ class HttpTransport(Transport):
             raise status_error(resp, url, bundle=True)
         length = resp.headers.get("content-length", "")
         return Stream(
-            resp.aiter_raw(),
+            open_body(resp, url),
             resumed=status == 206,
             length=int(length) if length.isdigit() else None,
             validators=Validators(resp.headers.get("etag") or None,

@@ -1,15 +1,17 @@
 """The limits every transfer keeps: the knobs, the rate limit, the stall rule, the minimum
 rate and the document deadline.
 
-A bundle download enforces them in :mod:`patchd.fetch.pump` (the stall and minimum-rate
-watchdogs beside the writer); a read with no writer behind it (a manifest, its
-signature, a root) uses :class:`StallDeadline`: the stall rule as a moving cancel-scope
-deadline that never moves past the document's total deadline.
+A bundle download enforces them in :mod:`patchd.fetch.pump` (the receive thread asks
+the rate limiter; the stall and minimum-rate watchdogs run on the event loop); a read
+with no writer behind it (a manifest, its signature, a root) uses
+:class:`StallDeadline`: the stall rule as a moving cancel-scope deadline that never
+moves past the document's total deadline.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -24,9 +26,10 @@ class DownloadPolicy:
 
     ``stall_window``/``stall_min_bytes``: fewer than ``stall_min_bytes`` received from
     the network in a window of ``stall_window`` seconds (while the disk side was not
-    holding the network back) raises :class:`DownloadStalled`. ``queue_chunks`` bounds
-    the chunks between the network and the writer thread; ``max_batch`` bounds what
-    one thread hop writes.
+    holding the network back) raises :class:`DownloadStalled`. ``buffers`` buffers of
+    ``buffer_size`` bytes go round between the receive thread and the writer thread:
+    they bound the memory of a download and what a SIGKILL makes us fetch again (bytes
+    received but not yet written: at most ``buffers × buffer_size``).
 
     ``min_rate``: a bundle whose average rate over the last ``stall_window`` seconds
     (a sliding window, judged once the first window has passed) is below this many
@@ -38,40 +41,45 @@ class DownloadPolicy:
 
     stall_window: float = 60.0
     stall_min_bytes: int = 16 * 1024
-    # Network chunks are ≤ 64 KiB (httpcore's read size): at most (6 + 6) × 64 KiB =
-    # 768 KiB is received but not yet on disk, which bounds both memory and what a
-    # SIGKILL makes us fetch again (< 1 MiB, see bench/bench_download.py).
-    queue_chunks: int = 6
-    max_batch: int = 6
+    # Reads large enough that the per-read cost of Python disappears beside the hash;
+    # one buffer each for the receive, write and hash threads and one of slack: at most
+    # 4 MiB received but not yet on disk (issue #19's bound, bench/bench_download.py).
+    buffer_size: int = 1024 * 1024
+    buffers: int = 4
     max_rate: int = 0
     min_rate: int = 0
     document_deadline: float = 0.0
 
 
 class RateLimiter:
-    """Token bucket in bytes/s; sleeps off the debt, never spins. 0 = unlimited."""
+    """Token bucket in bytes/s, used from the receive thread. 0 = unlimited.
+
+    :meth:`reserve` takes the tokens and says how long to wait them off; the caller
+    sleeps (in short steps, so that it still notices a stop). Reads are at most
+    ``capacity`` bytes under a limit, so a burst stays an eighth of a second's worth.
+    """
 
     def __init__(self, rate: int, burst: int | None = None) -> None:
         self.rate = rate
         self.capacity = burst if burst is not None else max(rate // 8, 64 * 1024)
         self._tokens = float(self.capacity)
         self._stamp = time.monotonic()
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate}, tokens={self._tokens:.0f})"
 
-    async def consume(self, n: int) -> bool:
-        """Take ``n`` bytes' worth of tokens; True when it had to wait."""
+    def reserve(self, n: int) -> float:
+        """Take ``n`` bytes' worth of tokens; the seconds to wait before using them."""
         if self.rate <= 0:
-            return False
-        now = time.monotonic()
-        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        self._tokens -= n
-        if self._tokens >= 0:
-            return False
-        await anyio.sleep(-self._tokens / self.rate)
-        return True
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.capacity,
+                               self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= n
+            return max(0.0, -self._tokens / self.rate)
 
 
 class StallDeadline:

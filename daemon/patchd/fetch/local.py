@@ -8,8 +8,9 @@ rule, hashing, what is discarded) is the download template's, as for HTTP.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
@@ -19,11 +20,9 @@ import anyio
 from patchd.core.errors import BundleNotFound, DownloadTruncated, ManifestInvalid, RepositoryError
 from patchd.fetch.limits import DownloadPolicy, RateLimiter
 from patchd.fetch.partial import Validators
+from patchd.fetch.pump import Body
 from patchd.fetch.transfer import Stream, Transport
 from patchd.trust.manifest import MAX_DOCUMENT_BYTES
-
-#: Bytes read from the source file per thread hop.
-READ_CHUNK = 256 * 1024
 
 
 def local_path(url: str) -> Path:
@@ -53,23 +52,31 @@ def read_capped(path: Path) -> bytes:
     return data
 
 
-async def _read_chunks(path: Path, offset: int) -> AsyncGenerator[bytes, None]:
-    f = await anyio.to_thread.run_sync(lambda: path.open("rb", buffering=0))
+class _FileBody(Body):
+    """A local file from an offset, read from the pump's receive thread."""
+
+    def __init__(self, f: io.FileIO | None) -> None:
+        super().__init__()
+        self._file = f
+
+    def _read(self, view: memoryview, timeout: float) -> int | None:
+        if self._file is None:
+            return 0
+        return self._file.readinto(view)
+
+    def _release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _open_at(path: Path, offset: int) -> _FileBody:
+    f = io.FileIO(path, "rb")
     try:
-        await anyio.to_thread.run_sync(f.seek, offset)
-        while True:
-            data = await anyio.to_thread.run_sync(f.read, READ_CHUNK)
-            if not data:
-                return
-            yield data
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(f.close)
-
-
-async def _nothing() -> AsyncGenerator[bytes, None]:
-    return
-    yield
+        f.seek(offset)
+    except BaseException:
+        f.close()
+        raise
+    return _FileBody(f)
 
 
 class LocalTransport(Transport):
@@ -91,12 +98,13 @@ class LocalTransport(Transport):
         self, url: str, offset: int, size: int, origin: Validators,
     ) -> AsyncIterator[Stream | None]:
         # Nothing left to copy (a zero-byte bundle): the source is not even opened.
-        chunks = _read_chunks(Path(url), offset) if offset < size else _nothing()
+        body = (await anyio.to_thread.run_sync(_open_at, Path(url), offset)
+                if offset < size else _FileBody(None))
         try:
-            yield Stream(chunks, resumed=True)
+            yield Stream(body, resumed=True)
         finally:
             with anyio.CancelScope(shield=True):
-                await chunks.aclose()
+                await anyio.to_thread.run_sync(body.close)
 
     def _truncated(self, url: str, done: int, size: int) -> DownloadTruncated:
         return DownloadTruncated(f"{url}: {done} bytes, manifest says {size}")

@@ -12,12 +12,14 @@ the expected sha256 and the origin's validators the prefix came from.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import anyio
 
@@ -44,7 +46,8 @@ class PartialFile:
     """The file being downloaded, its running SHA-256 and its length; used from threads.
 
     Every method is blocking and must run in a worker thread. Writes never go past
-    ``size``; the file is always a prefix of one stream.
+    ``size``; the file is always a prefix of one stream. :meth:`write` and :meth:`hash`
+    may run in two threads at once (the pump's writer and hasher), each in order.
     """
 
     def __init__(self, files: DownloadFiles, size: int) -> None:
@@ -98,49 +101,44 @@ class PartialFile:
             self.done += len(data)
         os.lseek(self._fd, self.done, os.SEEK_SET)
 
-    def write_batch(self, chunks: list[bytes]) -> int:
-        """Append and hash ``chunks``; raise before writing a byte beyond ``size``.
+    def write(self, data: memoryview) -> int:
+        """Append ``data``; raise before writing a byte beyond ``size``. Each written
+        byte must then be passed to :meth:`hash` in the same order, before :meth:`finish`.
 
-        The chunks that fit are joined and written and hashed in one call each: every
-        call that releases the GIL must win it back from the event loop thread, which
-        can take a whole switch interval (5 ms), so fewer calls mean a faster download.
+        One call per receive buffer (a MiB): the write releases the GIL for the whole
+        buffer, and the hash of the previous buffer runs beside it in another thread.
         """
-        fits: list[bytes] = []
-        end = self.done
-        for chunk in chunks:
-            if end + len(chunk) > self.size:
-                break
-            fits.append(chunk)
-            end += len(chunk)
-        data = fits[0] if len(fits) == 1 else b"".join(fits)
-        with disk_errors(self.dest):
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            self._hash.update(data)
-            self.done = end
-            if self.done - self._flushed >= WRITEBACK_STEP:
-                self._start_writeback()
-        if len(fits) < len(chunks):
+        if self.done + len(data) > self.size:
             raise DownloadOversize(
                 f"{self.dest.name}: server sent more than the manifest's "
                 f"{self.size} bytes; refusing it"
             )
+        with disk_errors(self.dest):
+            view = data
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            self.done += len(data)
+            if self.done - self._flushed >= WRITEBACK_STEP:
+                self._start_writeback()
         return self.done
+
+    def hash(self, data: memoryview) -> None:
+        """Add written bytes to the running SHA-256 (see :meth:`write`)."""
+        self._hash.update(data)
 
     def _start_writeback(self) -> None:
         """Start writing what we wrote to disk now, without waiting for it.
 
         The final fsync must make the whole file durable; left to the kernel, a large
         download sits dirty in the page cache and that fsync then writes all of it
-        while nothing else happens. POSIX_FADV_DONTNEED on Linux starts asynchronous
-        writeback of the range (and drops pages already clean), so the disk works
-        while the network does.
+        while nothing else happens. ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` starts
+        asynchronous writeback of the range, so the disk works while the network does;
+        the pages stay cached (clean, so reclaimable at once), and the install that
+        follows reads the bundle from memory. (``POSIX_FADV_DONTNEED``, used before,
+        also drops the pages: measured 0.9 CPU-s/GiB more, 40 % slower.)
         """
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, self._flushed, self.done - self._flushed,
-                             os.POSIX_FADV_DONTNEED)
+        _start_writeback(self._fd, self._flushed, self.done - self._flushed)
         self._flushed = self.done
 
     def restart(self) -> None:
@@ -197,6 +195,32 @@ class PartialFile:
         """Delete the meta: the download is complete and verified."""
         with contextlib.suppress(FileNotFoundError):
             self.files.meta.unlink()
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """glibc's and musl's ``sync_file_range`` (Python has no binding), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` to the disk."""
+    if _SYNC_FILE_RANGE is not None and _SYNC_FILE_RANGE(
+            fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0:
+        return
+    # No sync_file_range (or it failed, as on some exotic file systems): the portable
+    # way, which also drops the pages once clean.
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 @contextlib.contextmanager

@@ -1,20 +1,45 @@
-"""Network chunks into the partial file, under the limits, in bounded memory.
+"""A response's bytes into the partial file: receive, write and hash threads, the limits.
 
-One pump per response: the chunks go through a bounded memory stream to a writer that
-writes and hashes them in worker threads, a batch per thread hop; watchdogs apply the
-stall rule and the minimum rate, and the rate limiter paces the reads. Over the
-manifest's size is refused as the bytes arrive, before they reach the disk.
+One pump per response, three worker threads in a pipeline over a few reused buffers:
+
+    receive ──▶ write ──▶ hash ──▶ (the buffer is free again)
+
+The receive thread reads the body with large reads straight into a buffer
+(:meth:`Body.readinto`: ``recv_into`` on the connection's socket for HTTP,
+``readinto`` for a local file); the writer appends it to the file
+(:meth:`PartialFile.write`), the hasher adds it to the running SHA-256
+(:meth:`PartialFile.hash`). So the three overlap, a byte is copied once out of the
+kernel and once into the page cache, and a download holds ``buffers × buffer_size``
+bytes of memory. The event loop only supervises: the stall and minimum-rate watchdogs,
+one progress report per buffer written, and cancellation.
+
+How it stops:
+
+- cancelled: the writer and the hasher notice at their next buffer or within
+  :data:`TICK` (``anyio.from_thread.check_cancelled``) and stop, dropping what they
+  had not done; the receive thread is left to notice the stop at its next read or
+  tick (it never touches the file, so nothing is written after the pump returns);
+- the end of the body, a network error, a stall: the receive thread hands over what it
+  has and stops; everything received is written and hashed (a prefix of the stream);
+- a disk error in the writer: everything not yet written is dropped.
+
+A pump that raised leaves the running hash behind the file: the download template
+never finishes a file after an error (the next attempt hashes the prefix again).
+
+Over the manifest's size is refused as the bytes arrive, before they reach the disk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import queue
+import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import Callable
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+import anyio.from_thread
 
 from patchd.core.errors import DownloadOversize, DownloadStalled
 from patchd.fetch.limits import DownloadPolicy, RateLimiter
@@ -23,105 +48,244 @@ from patchd.fetch.partial import PartialFile
 #: ``progress(done, total)``: bytes on disk so far and the manifest's size.
 Progress = Callable[[int, int], None]
 
+#: The longest a worker thread waits without looking whether it should stop: bounds how
+#: late a cancel, a stall verdict or a disk error reaches the other thread.
+TICK = 0.25
+
+#: A buffer that has been filling this long is handed to the writer even if not full,
+#: so a slow transfer still reaches the disk (and the progress report) every second.
+FLUSH_AFTER = 1.0
+
+
+class Body:
+    """A response body, read from the receive thread; closed from anywhere.
+
+    A subclass implements :meth:`_read` and :meth:`_release`. :meth:`close` releases the
+    resource at once, or, while a thread is inside :meth:`readinto` (a receive thread
+    left behind by a cancel), interrupts the read and lets that thread release it when
+    the read returns: a socket or file is never closed under a read (its descriptor
+    number could be reused by the time the read's system call starts).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reading = False
+        self._closed = False
+
+    def readinto(self, view: memoryview, timeout: float) -> int | None:
+        """Blocking: bytes read into ``view`` (at least 1), 0 at the end of the body (or
+        once closed), None when nothing arrived within ``timeout`` seconds. Raises
+        patchd's errors."""
+        with self._lock:
+            if self._closed:
+                return 0
+            self._reading = True
+        try:
+            return self._read(view, timeout)
+        finally:
+            with self._lock:
+                self._reading = False
+                release = self._closed
+            if release:
+                self._release()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            reading = self._reading
+        if reading:
+            self.interrupt()  # the reader releases it when its read returns
+        else:
+            self._release()
+
+    def interrupt(self) -> None:
+        """End the body now: a read in progress returns soon, later ones find the end
+        (default: nothing; the reads return within their timeout anyway)."""
+
+    def _read(self, view: memoryview, timeout: float) -> int | None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
 
 class _Pump:
-    """Network chunks → bounded stream → writer thread, with stall and rate watchdogs.
+    """Receive thread → writer thread → hasher thread, with stall and rate watchdogs.
 
-    Child tasks never raise: the first error is kept and the group cancelled, so the
-    caller sees the error itself rather than an ExceptionGroup. A network error still
-    lets the writer land what was received before it; a writer or stall error drops
-    the queue (the file stays a prefix either way).
+    The threads never raise into the event loop: the first error is kept, every thread
+    is told to stop, and the caller sees that error itself once they have.
     """
 
     def __init__(
-        self, part: PartialFile, policy: DownloadPolicy, limiter: RateLimiter,
+        self, part: PartialFile, body: Body, policy: DownloadPolicy, limiter: RateLimiter,
         progress: Progress | None, url: str,
     ) -> None:
         self.part = part
+        self.body = body
         self.url = url
         self.policy = policy
         self.limiter = limiter
         self.progress = progress
+        #: Body bytes read from the network so far (written by the receive thread).
         self.received = 0
         self.held_back = False
         #: When our side (the rate limit, the disk) last held the network back.
         self.held_at = -math.inf
         self.error: BaseException | None = None
-        self._scope: anyio.CancelScope | None = None
+        self.stop = threading.Event()
+        #: Set with a writer error: nothing more is written.
+        self.drop = False
+        self.free: queue.Queue[memoryview] = queue.Queue()
+        self.full: queue.Queue[memoryview | None] = queue.Queue()
+        self.written: queue.Queue[memoryview | None] = queue.Queue()
+        for _ in range(max(policy.buffers, 2)):
+            self.free.put(memoryview(bytearray(policy.buffer_size)))
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, *, drop: bool = False) -> None:
         if self.error is None:
             self.error = exc
-        if self._scope is not None:
-            self._scope.cancel()
+        self.drop = self.drop or drop
+        self.stop.set()
+        # A read that cannot tick (httpx's, for a chunked body) must not hold the pump
+        # until the read timeout: the response is given up anyway.
+        self.body.interrupt()
 
-    async def run(self, chunks: AsyncIterable[bytes]) -> None:
-        send, recv = anyio.create_memory_object_stream[bytes](self.policy.queue_chunks)
-        writer_done = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            self._scope = tg.cancel_scope
-            tg.start_soon(self._writer, recv, writer_done)
-            tg.start_soon(self._watch_stall)
+    async def run(self) -> None:
+        async with anyio.create_task_group() as watchdogs:
+            watchdogs.start_soon(self._watch_stall)
             if self.policy.min_rate > 0:
-                tg.start_soon(self._watch_rate)
+                watchdogs.start_soon(self._watch_rate)
             try:
-                async with send:
-                    await self._produce(chunks, send)
-            except Exception as exc:
-                # Chunks already received are bytes of this stream: let the writer
-                # land them (the stream is closed, so it drains and stops).
-                if self.error is None:
-                    self.error = exc
-            await writer_done.wait()
-            tg.cancel_scope.cancel()
+                async with anyio.create_task_group() as workers:
+                    workers.start_soon(self._receiver)
+                    workers.start_soon(self._stage, self._write)
+                    workers.start_soon(self._stage, self._hash)
+            finally:
+                self.stop.set()
+                watchdogs.cancel_scope.cancel()
         if self.error is not None:
             raise self.error
 
-    async def _produce(
-        self, chunks: AsyncIterable[bytes], send: MemoryObjectSendStream[bytes]
-    ) -> None:
-        room = self.part.size - self.part.done
-        async for chunk in chunks:
-            if not chunk:
-                continue
-            self.received += len(chunk)
-            if self.received > room:
-                raise DownloadOversize(
-                    f"{self.part.dest.name}: server sent more than the manifest's "
-                    f"{self.part.size} bytes; aborted"
-                )
-            if await self.limiter.consume(len(chunk)):
-                self._hold()
-            if send.statistics().current_buffer_used >= self.policy.queue_chunks:
-                self._hold()
-            await send.send(chunk)
+    async def _receiver(self) -> None:
+        # Abandoned on cancel: it only reads the network into buffers nobody will write.
+        try:
+            await anyio.to_thread.run_sync(self._receive, abandon_on_cancel=True)
+        except Exception as exc:
+            self._fail(exc)
+
+    async def _stage(self, work: Callable[[], None]) -> None:
+        # Never abandoned: once the pump returns, no thread touches the partial file.
+        try:
+            await anyio.to_thread.run_sync(work)
+        except Exception as exc:
+            self._fail(exc, drop=True)
+
+    # --- the receive thread ---
 
     def _hold(self) -> None:
         self.held_back = True
-        self.held_at = anyio.current_time()
+        self.held_at = time.monotonic()
 
-    async def _writer(
-        self, recv: MemoryObjectReceiveStream[bytes], done: anyio.Event
-    ) -> None:
+    def _take_buffer(self) -> memoryview | None:
         try:
-            async with recv:
-                while True:
-                    try:
-                        batch = [await recv.receive()]
-                    except anyio.EndOfStream:
+            return self.free.get_nowait()
+        except queue.Empty:
+            pass
+        while not self.stop.is_set():
+            self._hold()  # the disk is behind: our side holds the network back
+            try:
+                return self.free.get(timeout=TICK)
+            except queue.Empty:
+                continue
+        return None
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep off the rate limit, in ticks, unless told to stop."""
+        end = time.monotonic() + seconds
+        while seconds > 0 and not self.stop.is_set():
+            self._hold()
+            self.stop.wait(min(seconds, TICK))
+            seconds = end - time.monotonic()
+
+    def _receive(self) -> None:
+        room = self.part.size - self.part.done
+        limit = self.limiter.capacity if self.limiter.rate > 0 else self.policy.buffer_size
+        buf: memoryview | None = None
+        fill = 0
+        try:
+            while not self.stop.is_set():
+                buf = self._take_buffer()
+                if buf is None:
+                    return
+                fill, first = 0, 0.0
+                while fill < len(buf) and not self.stop.is_set():
+                    # One byte past the room, to see a body longer than the manifest says.
+                    want = min(len(buf) - fill, limit, room - self.received + 1)
+                    n = self.body.readinto(buf[fill:fill + want], TICK)
+                    now = time.monotonic()
+                    if n is None:
+                        if fill and now - first >= FLUSH_AFTER:
+                            break
+                        continue
+                    if n == 0:
                         return
-                    with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
-                        while len(batch) < self.policy.max_batch:
-                            batch.append(recv.receive_nowait())
-                    # Not abandoned on cancel: the batch lands whole, so the file
-                    # stays a prefix of the stream and no thread writes after we return.
-                    total = await anyio.to_thread.run_sync(self.part.write_batch, batch)
-                    if self.progress is not None:
-                        self.progress(total, self.part.size)
-        except Exception as exc:
-            self._fail(exc)
+                    if self.received + n > room:
+                        raise DownloadOversize(
+                            f"{self.part.dest.name}: server sent more than the manifest's "
+                            f"{self.part.size} bytes; aborted"
+                        )
+                    self.received += n
+                    if not fill:
+                        first = now
+                    fill += n
+                    self._wait(self.limiter.reserve(n))
+                    if now - first >= FLUSH_AFTER:
+                        break
+                if fill:
+                    self.full.put(buf[:fill])
+                else:
+                    self.free.put(buf)
+                buf = None
         finally:
-            done.set()
+            # What was received before the end, an error or a stop is a prefix of the
+            # stream: the writer lands it (unless it was told to drop everything).
+            if buf is not None and fill:
+                self.full.put(buf[:fill])
+            self.full.put(None)
+
+    # --- the writer and hasher threads ---
+
+    def _next(self, inbox: queue.Queue[memoryview | None]) -> memoryview | None:
+        """The next buffer from ``inbox``, or None: the end, or told to drop the rest."""
+        while not self.drop:
+            try:
+                item = inbox.get(timeout=TICK)
+            except queue.Empty:
+                anyio.from_thread.check_cancelled()
+                continue
+            return None if self.drop else item
+        return None
+
+    def _write(self) -> None:
+        try:
+            while (item := self._next(self.full)) is not None:
+                done = self.part.write(item)
+                self.written.put(item)
+                if self.progress is not None:
+                    anyio.from_thread.run_sync(self.progress, done, self.part.size)
+                anyio.from_thread.check_cancelled()
+        finally:
+            self.written.put(None)
+
+    def _hash(self) -> None:
+        while (item := self._next(self.written)) is not None:
+            self.part.hash(item)
+            self.free.put(memoryview(item.obj))  # the whole buffer again
+            anyio.from_thread.check_cancelled()
+
+    # --- the watchdogs, on the event loop ---
 
     def _stall_need(self) -> int:
         """Bytes the stall rule wants per window (less under a low rate limit)."""
@@ -157,10 +321,10 @@ class _Pump:
             need = min(need, self.limiter.rate // 2)
         stall_need = self._stall_need()
         step = window / 8
-        samples: deque[tuple[float, int]] = deque([(anyio.current_time(), self.received)])
+        samples: deque[tuple[float, int]] = deque([(time.monotonic(), self.received)])
         while True:
             await anyio.sleep(step)
-            now = anyio.current_time()
+            now = time.monotonic()
             samples.append((now, self.received))
             # Keep the newest sample at least a window old as the base of the average.
             while len(samples) > 1 and samples[1][0] <= now - window:
@@ -180,10 +344,9 @@ class _Pump:
 
 
 async def stream_into(
-    part: PartialFile, chunks: AsyncIterable[bytes], *, policy: DownloadPolicy,
-    limiter: RateLimiter, progress: Progress | None, url: str,
+    part: PartialFile, body: Body, *, policy: DownloadPolicy, limiter: RateLimiter,
+    progress: Progress | None, url: str,
 ) -> None:
-    """Write ``chunks`` after what ``part`` holds, hashing, bounded, cancellable;
+    """Write ``body`` after what ``part`` holds, hashing, bounded, cancellable;
     ``url`` names the origin in the errors."""
-    await _Pump(part, policy, limiter, progress, url).run(chunks)
-
+    await _Pump(part, body, policy, limiter, progress, url).run()

@@ -7,10 +7,10 @@ resolve a bundle URL against the manifest URL, fetch the manifest and its signat
 :mod:`patchd.fetch.transfer` with their transport (:mod:`patchd.fetch.http`,
 :mod:`patchd.fetch.local`).
 
-One :class:`HttpSource` uses ONE ``httpx.AsyncClient`` for all its requests (connection
-reuse, proxies from the environment via ``trust_env``): the daemon's shared client
-(:mod:`patchd.fetch.client`, built once per transport configuration), else one of its
-own that it closes; use it as ``async with``.
+One :class:`HttpSource` uses ONE :class:`patchd.fetch.client.RepoClient` for all its
+requests (connection reuse, proxies from the environment via ``trust_env``; bundle
+bodies through its bulk twin): the daemon's shared client (built once per transport
+configuration), else one of its own that it closes; use it as ``async with``.
 
 Root versions live at ``root/N.json`` (and ``.sig``) beside the manifest
 (docs/formats.md#the-root-of-trust); one that cannot be fetched for a reason a retry
@@ -31,7 +31,7 @@ import httpx
 import structlog
 
 from patchd.core.errors import RepositoryError, RootVersionInvalid
-from patchd.fetch.client import TransportSettings, build_client
+from patchd.fetch.client import RepoClient, TransportSettings, build_client
 from patchd.fetch.http import HttpTransport, get_document
 from patchd.fetch.limits import DownloadPolicy, RateLimiter
 from patchd.fetch.local import LocalTransport, local_path, read_capped
@@ -110,7 +110,7 @@ class Source:
 def open_source(
     manifest_url: str, *, timeout: float, max_rate: int = 0, min_rate: int = 0,
     document_deadline: float = 0.0, max_redirects: int = 5,
-    policy: DownloadPolicy | None = None, client: httpx.AsyncClient | None = None,
+    policy: DownloadPolicy | None = None, client: RepoClient | None = None,
 ) -> Source:
     """The source for ``manifest_url``: HTTP(S), or local for ``file://`` and paths.
 
@@ -138,9 +138,7 @@ class HttpSource(Source):
 
     def __init__(
         self, manifest_url: str, *, timeout: float, max_redirects: int = 5,
-        policy: DownloadPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        client: httpx.AsyncClient | None = None,
+        policy: DownloadPolicy | None = None, client: RepoClient | None = None,
     ) -> None:
         super().__init__(manifest_url)
         self.policy = policy or DownloadPolicy()
@@ -148,7 +146,7 @@ class HttpSource(Source):
         self.limiter = RateLimiter(self.policy.max_rate)
         self._owns_client = client is None
         self.client = client if client is not None else build_client(
-            TransportSettings(timeout=timeout, max_redirects=max_redirects), transport)
+            TransportSettings(timeout=timeout, max_redirects=max_redirects))
         self.bundles = HttpTransport(self.client, self.policy, self.limiter)
 
     async def aclose(self) -> None:

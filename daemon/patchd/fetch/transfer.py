@@ -13,8 +13,9 @@ SHA-256 check, and what is discarded on which failure:
   a prefix of one stream, with its meta, for the next try to resume.
 
 A transport (:mod:`patchd.fetch.http`, :mod:`patchd.fetch.local`) implements only
-:meth:`Transport._open`: the byte stream from an offset, whether it really starts
-there, and the origin's validators; like python-tuf's ``FetcherInterface``, whose
+:meth:`Transport._open`: the body from an offset (a :class:`patchd.fetch.pump.Body`,
+read from a worker thread), whether it really starts there, and the origin's
+validators; like python-tuf's ``FetcherInterface``, whose
 ``download_file`` enforces ``max_length`` while a fetcher implements only ``_fetch``.
 """
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -38,14 +38,14 @@ from patchd.core.errors import (
 )
 from patchd.fetch.limits import DownloadPolicy, RateLimiter
 from patchd.fetch.partial import PartialFile, Validators, remove_download
-from patchd.fetch.pump import Progress, stream_into
+from patchd.fetch.pump import Body, Progress, stream_into
 
 log = structlog.get_logger("patchd.fetch.transfer")
 
 
 @dataclass(frozen=True, slots=True)
 class Stream:
-    """What a transport hands the template: one response's bytes and what it says of them.
+    """What a transport hands the template: one response's body and what it says of it.
 
     ``resumed``: the bytes continue the partial at the offset asked for; False: they
     are the whole file from byte 0. ``length``: the length the origin announced
@@ -53,7 +53,7 @@ class Stream:
     ``validators``: the origin's, recorded in the meta when the stream starts at 0.
     """
 
-    chunks: AsyncIterable[bytes]
+    body: Body
     resumed: bool
     length: int | None = None
     validators: Validators = field(default_factory=Validators)
@@ -90,8 +90,9 @@ class Transport(ABC):
         was recorded with, for a conditional resume), or None: the origin refused to
         continue at ``offset``; the template restarts from zero and asks again.
 
-        The template reads the stream inside this context, so the transport translates
-        its own exceptions into patchd's classes around the whole ``async with`` body.
+        The template reads the body inside this context; the body raises patchd's
+        classes, and the transport translates its own exceptions around the context.
+        Leaving the context closes the body (once no thread is reading it).
         """
 
     @abstractmethod
@@ -199,7 +200,7 @@ class Transport(ABC):
                 )
             if progress is not None and not self.quiet:
                 progress(part.done, part.size)
-            await stream_into(part, stream.chunks, policy=self.policy, limiter=self.limiter,
+            await stream_into(part, stream.body, policy=self.policy, limiter=self.limiter,
                               progress=progress, url=url)
         return True
 
