@@ -47,6 +47,7 @@ method GetStatus() -> (app: string, channel: string, release: string,
   next_boot: Build, last_booted: ?Build, currently_booting: ?Build,
   builds: []BuildInfo, activity: Activity,
   last_check: ?string, next_check: ?string, last_error: ?string)
+method GetMetrics() -> (text: string)
 method GetBootTarget() -> (build: Build, path: string)
 method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()

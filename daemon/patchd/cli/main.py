@@ -25,6 +25,7 @@ HANDLERS: dict[str, str] = {
     "run": "patchd.service.daemon:run_command",
     "config check": "patchd.cli.main:config_check",
     "status": "patchd.cli.client:status",
+    "metrics": "patchd.cli.client:metrics",
     "watch": "patchd.cli.client:watch",
     "check": "patchd.cli.client:check",
     "install": "patchd.cli.client:install",
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the daemon's status")
     _add_app(p)
     p.add_argument("--json", action="store_true", help="print GetStatus as JSON")
+
+    p = sub.add_parser("metrics", help="print the daemon's metrics (Prometheus text format)")
+    _add_app(p)
 
     p = sub.add_parser("watch", help="live progress of the current activity")
     _add_app(p)

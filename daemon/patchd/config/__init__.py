@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from patchd.config.files import ca_file, read_headers_file, readable_file
+from patchd.config.metrics import KEYS as METRICS_KEYS
+from patchd.config.metrics import MetricsSection, read_metrics
 from patchd.core.errors import ConfigErrors, ConfigFileError, RootRejected
 from patchd.core.model import is_valid_name
 from patchd.trust.root import parse_root
@@ -169,6 +171,7 @@ class Config:
     boot: BootSection
     install: InstallSection
     log: LogSection
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<memory>"
 
 
@@ -183,6 +186,7 @@ _SECTIONS: dict[str, set[str]] = {
     "boot": {"reporters", "timeout", "watch_pid"},
     "install": {"clone", "full_upgrades", "min_free", "max_download_rate"},
     "log": {"format", "level"},
+    "metrics": METRICS_KEYS,
 }
 
 
@@ -448,10 +452,11 @@ def config_from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         format=r.get("log", "format", _one_of("auto", "journal", "json", "console"), "auto"),
         level=r.get("log", "level", _one_of("debug", "info", "warning", "error"), "info"),
     )
+    metrics = read_metrics(r.get)
     if r.problems:
         raise ConfigErrors(source, r.problems)
     return Config(app=app, server=server, trust=trust, paths=paths, api=api, boot=boot,
-                  install=install, log=log, source=source)
+                  install=install, log=log, metrics=metrics, source=source)
 
 
 def _toml_value(value: Any) -> str:
