@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", metavar="DURATION",
                    help="validity of the manifest (default 30d)")
     p.add_argument("--roll-back", metavar="RELEASE:PATCH", help="mark a patch rolled back")
+    p.add_argument("--keep-releases", type=int, metavar="N",
+                   help="releases the manifest keeps, the newest (default 5)")
     p.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE",
                    help="bundles to add (none: renew the manifest)")
 
