@@ -11,8 +11,9 @@ import pytest
 
 from patchd.core.errors import UsageError
 from patchd.core.fsio import TEMP_PREFIX
+from patchd.publisher.history import HISTORY
 from patchd.publisher.publish import keygen, pack_command, parse_roll_back, publish, roll_back
-from patchd.trust.manifest import Manifest, verify_manifest
+from patchd.trust.manifest import Manifest, parse_manifest, verify_manifest
 from patchd.trust.signing import TrustedKeys, parse_public_key
 from support.trees import write_tree
 
@@ -76,10 +77,14 @@ def test_republish_replaces_and_bumps_serial(env: dict[str, Path]) -> None:
                 [bundle(env, 1), bundle(env, 1, arch="aarch64"), bundle(env, 2)], None,
                 timedelta(days=1), now=NOW)
     assert m.serial == 2 and verified(env) == m
-    p1 = m.releases["1.0"].patch(1)
+    history = parse_manifest((env["repo"] / HISTORY).read_bytes())
+    p1 = history.releases["1.0"].patch(1)
     assert p1 is not None and p1.rollout == 10
     assert [b.arch for b in p1.bundles] == ["aarch64", "x86_64"]
-    assert [p.patch for p in m.releases["1.0"].patches] == [1, 2]
+    assert [p.patch for p in history.releases["1.0"].patches] == [1, 2]
+    # Served: x86_64 hosts stop at patch 2 (100 %), aarch64 hosts still need patch 1.
+    assert [(p.patch, [b.arch for b in p.bundles]) for p in m.releases["1.0"].patches] == [
+        (1, ["aarch64"]), (2, ["x86_64"])]
 
 
 def test_full_bundle_sets_full(env: dict[str, Path]) -> None:

@@ -269,7 +269,8 @@ def test_command_line_overrides_the_defaults_file(w: Path) -> None:
     ('app = "Kiosk"\n', ["--channel", "stable", "--key", "K"],
      "{file}: app 'Kiosk' is not a valid app name"),
     ('app = "kiosk"\nchanel = "stable"\n', [],
-     "{file}: unknown key chanel (known: app, channel, key, sign_cmd, expires, rollout)"),
+     "{file}: unknown key chanel (known: app, channel, key, sign_cmd, expires, rollout, "
+     "keep_releases)"),
     ("rollout = 101\n", [], "{file}: rollout must be a whole number from 0 to 100"),
     ('key = 3\n', [], "{file}: key must be a string or a list of strings"),
     ('expires = "soon"\n', ["--app", "kiosk", "--channel", "stable", "--key", "K"],

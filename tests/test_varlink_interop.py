@@ -104,7 +104,7 @@ async def test_updater_interface_members(sockdir: Path) -> None:
         members = await in_thread(query)
     assert members == [
         "Build", "BuildInfo", "Activity", "HoldInfo", "Activation",
-        "GetStatus", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
+        "GetStatus", "GetMetrics", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
         "CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark", "WatchActivity",
         "NotAuthorized", "NotBootTarget", "Busy", "UpdateFailed", "InvalidBundle",
         "NoBootInProgress", "RollbackRefused", "StateConflict",

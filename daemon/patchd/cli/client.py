@@ -151,6 +151,17 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def metrics(args: argparse.Namespace) -> int:
+    """The daemon's Prometheus text, as GetMetrics answers it (label values arrive
+    escaped and free of control characters; docs/operations.md#metrics)."""
+    reply = call(socket_path(args.app, args.socket), "GetMetrics")
+    text = reply.get("text")
+    if not isinstance(text, str):
+        raise DaemonConnectionBroken("GetMetrics answered without text")
+    sys.stdout.write(text)
+    return 0
+
+
 def watch(args: argparse.Namespace, *, show_idle: bool = True) -> int:
     """Follow the activity until idle; ``check --wait`` leaves out the final ``idle``."""
     path = socket_path(args.app, args.socket)

@@ -25,6 +25,7 @@ HANDLERS: dict[str, str] = {
     "run": "patchd.service.daemon:run_command",
     "config check": "patchd.cli.main:config_check",
     "status": "patchd.cli.client:status",
+    "metrics": "patchd.cli.client:metrics",
     "watch": "patchd.cli.client:watch",
     "check": "patchd.cli.client:check",
     "install": "patchd.cli.client:install",
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the daemon's status")
     _add_app(p)
     p.add_argument("--json", action="store_true", help="print GetStatus as JSON")
+
+    p = sub.add_parser("metrics", help="print the daemon's metrics (Prometheus text format)")
+    _add_app(p)
 
     p = sub.add_parser("watch", help="live progress of the current activity")
     _add_app(p)
@@ -186,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires", metavar="DURATION",
                    help="validity of the manifest (default 30d)")
     p.add_argument("--roll-back", metavar="RELEASE:PATCH", help="mark a patch rolled back")
+    p.add_argument("--keep-releases", type=int, metavar="N",
+                   help="releases the manifest keeps, the newest (default 5)")
     p.add_argument("bundles", nargs="*", type=Path, metavar="BUNDLE",
                    help="bundles to add (none: renew the manifest)")
 

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 from patchd.config.files import ca_file, read_headers_file, readable_file
 from patchd.config.launch import SECTIONS as LAUNCH_SECTIONS
 from patchd.config.launch import ActivateSection, HealthSection, HooksSection, launch_sections
+from patchd.config.metrics import KEYS as METRICS_KEYS
+from patchd.config.metrics import MetricsSection, read_metrics
 from patchd.core.errors import ConfigErrors, ConfigFileError, RootRejected
 from patchd.core.model import is_valid_name
 
@@ -177,6 +179,7 @@ class Config:
     health: HealthSection = field(default_factory=HealthSection)
     hooks: HooksSection = field(default_factory=HooksSection)
     activate: ActivateSection = field(default_factory=ActivateSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = "<memory>"
 
 
@@ -192,6 +195,7 @@ _SECTIONS: dict[str, set[str]] = {
     "install": {"clone", "full_upgrades", "min_free", "max_download_rate"},
     "log": {"format", "level"},
     **LAUNCH_SECTIONS,
+    "metrics": METRICS_KEYS,
 }
 
 
@@ -460,11 +464,12 @@ def config_from_dict(doc: dict[str, Any], source: str = "<memory>") -> Config:
         level=r.get("log", "level", _one_of("debug", "info", "warning", "error"), "info"),
     )
     health, hooks, activate = launch_sections(r)
+    metrics = read_metrics(r.get)
     if r.problems:
         raise ConfigErrors(source, r.problems)
     return Config(app=app, server=server, trust=trust, paths=paths, api=api, boot=boot,
                   install=install, log=log, health=health, hooks=hooks, activate=activate,
-                  source=source)
+                  metrics=metrics, source=source)
 
 
 def _toml_value(value: Any) -> str:

@@ -11,6 +11,7 @@ from patchd.core.errors import UsageError
 from patchd.publisher import checks, roots
 from patchd.publisher.checks import plural
 from patchd.publisher.defaults import load_defaults
+from patchd.publisher.history import DEFAULT_KEEP_RELEASES
 from patchd.publisher.publish import Key, keygen, parse_roll_back, publish, roll_back
 from patchd.publisher.publish import pack_command as pack_bundle
 from patchd.publisher.signer import CommandSigner
@@ -93,17 +94,29 @@ def _publish_settings(args: argparse.Namespace) -> tuple[str, str, list[Key], ti
     return app, channel, keys, expires, file.rollout if file.rollout is not None else 100
 
 
+def _keep_releases(args: argparse.Namespace) -> int:
+    """``--keep-releases``, else the defaults file's ``keep_releases``, else 5."""
+    if args.keep_releases is not None:
+        if args.keep_releases < 1:
+            raise UsageError(f"--keep-releases must be at least 1, got {args.keep_releases}")
+        return int(args.keep_releases)
+    file = load_defaults(args.repo)
+    return file.keep_releases if file.keep_releases is not None else DEFAULT_KEEP_RELEASES
+
+
 def publish_command(args: argparse.Namespace) -> int:
     app, channel, keys, expires, new_rollout = _publish_settings(args)
+    keep = _keep_releases(args)
     if args.roll_back:
         if args.bundles:
             raise UsageError("--roll-back does not take bundles")
         release, patch = parse_roll_back(args.roll_back)
-        manifest = roll_back(args.repo, app, channel, keys, release, patch, expires)
+        manifest = roll_back(args.repo, app, channel, keys, release, patch, expires,
+                             keep_releases=keep)
         print(f"{args.repo}: rolled back {release}+{patch}; serial {manifest.serial}")
         return 0
     manifest = publish(args.repo, app, channel, keys, args.bundles, args.rollout, expires,
-                       new_rollout=new_rollout)
+                       new_rollout=new_rollout, keep_releases=keep)
     what = f"published {plural(len(args.bundles), 'bundle')}" if args.bundles else "renewed"
     print(f"{args.repo}: {what}; serial {manifest.serial}, "
           f"expires {manifest.expires:%Y-%m-%dT%H:%M:%SZ}")

@@ -1,10 +1,10 @@
 """``REPO/patchd-publish.toml``: defaults for ``patchd publish --repo REPO`` (docs/publishing.md).
 
 The publisher's own file, never part of what hosts read: app, channel, signers
-(``key`` paths relative to the file, ``sign_cmd``), ``expires`` and the rollout of
-new patches. Options on the command line override it. It holds no secret, only the
-path to one, and that path must lead out of the repository directory (the directory
-is served).
+(``key`` paths relative to the file, ``sign_cmd``), ``expires``, the rollout of
+new patches and how many releases the manifest keeps. Options on the command line
+override it. It holds no secret, only the path to one, and that path must lead out of
+the repository directory (the directory is served).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from patchd.publisher.checks import plural
 FILE_NAME = "patchd-publish.toml"
 #: The file is a handful of lines; more than this is not it.
 MAX_BYTES = 64 * 1024
-_KEYS = ("app", "channel", "key", "sign_cmd", "expires", "rollout")
+_KEYS = ("app", "channel", "key", "sign_cmd", "expires", "rollout", "keep_releases")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class PublishDefaults:
     sign_cmds: tuple[str, ...] = ()
     expires: str | None = None
     rollout: int | None = None
+    keep_releases: int | None = None
 
 
 def _strings(value: Any, name: str, where: Path) -> tuple[str, ...]:
@@ -82,6 +83,9 @@ def load_defaults(repo: Path) -> PublishDefaults:
     if rollout is not None and (isinstance(rollout, bool) or not isinstance(rollout, int)
                                 or not 0 <= rollout <= 100):
         raise UsageError(f"{path}: rollout must be a whole number from 0 to 100")
+    keep = doc.get("keep_releases")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise UsageError(f"{path}: keep_releases must be a whole number of at least 1")
     here = path.parent
     return PublishDefaults(
         path=path,
@@ -92,4 +96,5 @@ def load_defaults(repo: Path) -> PublishDefaults:
         sign_cmds=_strings(doc["sign_cmd"], "sign_cmd", path) if "sign_cmd" in doc else (),
         expires=_string(doc["expires"], "expires", path) if "expires" in doc else None,
         rollout=rollout,
+        keep_releases=keep,
     )

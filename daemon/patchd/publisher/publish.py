@@ -5,8 +5,11 @@ A repository is a directory served as static files, one per channel::
     REPO/manifest.json  REPO/manifest.json.sig
     REPO/RELEASE/N-ARCH.patchd  REPO/RELEASE/full-ARCH.patchd
 
-Order of writes on publish: bundles first (a manifest never names a missing file), then
-``manifest.json.sig``, then ``manifest.json``, each atomically (temp, fsync, rename).
+Every change goes into the channel's full history (``REPO/patchd-publish.history.json``,
+``history.py``), and ``manifest.json`` is that history bounded: only what a host could
+still take. Order of writes on publish: bundles first (a manifest never names a missing
+file), then the history, then ``manifest.json.sig``, then ``manifest.json``, each
+atomically (temp, fsync, rename).
 Two files cannot change in one step, so whichever goes first, a client polling between
 the two renames may pair an old file with a new one. That pair fails verification,
 which is harmless by design: the client logs it, keeps what it has and gets the
@@ -41,14 +44,20 @@ from patchd.core.errors import ManifestInvalid, SignatureInvalid, UsageError
 from patchd.core.fsio import atomic_file, atomic_write_bytes
 from patchd.core.model import is_valid_release
 from patchd.publisher import checks, roots
+from patchd.publisher.history import (
+    DEFAULT_KEEP_RELEASES,
+    bounded,
+    load_history,
+    trimmed,
+    with_bundle,
+    with_rolled_back,
+    write_history,
+)
 from patchd.publisher.pack import pack
 from patchd.trust import BundleHeader, BundleReader
 from patchd.trust.manifest import (
     BundleRef,
-    FullEntry,
     Manifest,
-    PatchEntry,
-    ReleaseEntry,
     manifest_to_json,
     parse_manifest,
 )
@@ -129,32 +138,6 @@ def _copy_bundle(src: Path, dest: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _with_bundle(refs: tuple[BundleRef, ...], ref: BundleRef) -> tuple[BundleRef, ...]:
-    return tuple(sorted([r for r in refs if r.arch != ref.arch] + [ref], key=lambda r: r.arch))
-
-
-def _add(manifest: Manifest, header: BundleHeader, ref: BundleRef, rollout: int | None,
-         new_rollout: int) -> Manifest:
-    if header.kind == "full":
-        full = manifest.full
-        bundles = full.bundles if full is not None and full.release == header.release else ()
-        return replace(manifest, full=FullEntry(header.release, _with_bundle(bundles, ref)))
-    releases = dict(manifest.releases)
-    entry = releases.get(header.release) or ReleaseEntry(header.release, (), frozenset())
-    old = entry.patch(header.patch)
-    new = PatchEntry(
-        header.patch,
-        rollout if rollout is not None else (old.rollout if old else new_rollout),
-        _with_bundle(old.bundles if old else (), ref),
-    )
-    patches = tuple(sorted([p for p in entry.patches if p.patch != header.patch] + [new],
-                           key=lambda p: p.patch))
-    # Publishing a rolled-back patch again is a roll-forward.
-    releases[header.release] = ReleaseEntry(header.release, patches,
-                                            entry.rolled_back - {header.patch})
-    return replace(manifest, releases=releases)
-
-
 def _publishing_root(repo: Path) -> Root | None:
     """The newest complete root in ``repo``: what hosts will trust after this publish."""
     root = roots.newest_complete(repo)
@@ -164,16 +147,20 @@ def _publishing_root(repo: Path) -> Root | None:
     return root
 
 
-def _write(repo: Path, manifest: Manifest, keys: list[Signer], root: Root | None
-           ) -> Manifest:
-    """Sign and write the manifest under the repository's newest complete root.
+def _write(repo: Path, history: Manifest, keys: list[Signer], root: Root | None,
+           keep_releases: int) -> Manifest:
+    """Sign and write the manifest of the history under the newest complete root.
 
+    The manifest is the history bounded (``history.py``); the history is written
+    first, so a publish that stops between the writes is completed by the next one.
     With a root in the repository, the manifest names its version and the signatures
     must meet that root's updates threshold: a publish with a revoked or unknown key
     fails here instead of on every host. The document is parsed back by the host's
     parser first (types, names, size limit).
     """
-    manifest = replace(manifest, root_version=root.version if root else 1)
+    history = trimmed(replace(history, root_version=root.version if root else 1),
+                      keep_releases)
+    manifest = bounded(history, keep_releases)
     data = (json.dumps(manifest_to_json(manifest), indent=2) + "\n").encode()
     try:
         parse_manifest(data)
@@ -186,10 +173,11 @@ def _write(repo: Path, manifest: Manifest, keys: list[Signer], root: Root | None
         except SignatureInvalid as exc:
             raise UsageError(f"these keys do not sign for root version {root.version}'s "
                              f"updates role: {exc}") from None
+    write_history(repo, history)
     atomic_write_bytes(repo / SIGNATURE, sig)
     atomic_write_bytes(repo / MANIFEST, data)
     log.info("publish.manifest_written", repo=str(repo), serial=manifest.serial,
-             root_version=manifest.root_version)
+             root_version=manifest.root_version, size=len(data))
     return manifest
 
 
@@ -215,11 +203,12 @@ def _read_bundle(path: Path, app: str, root: Root | None) -> BundleHeader:
 
 def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Sequence[Path],
             rollout: int | None, expires: timedelta, *, now: datetime | None = None,
-            new_rollout: int = 100) -> Manifest:
-    """Add bundles to the channel directory ``repo``, bump the serial and re-sign.
+            new_rollout: int = 100, keep_releases: int = DEFAULT_KEEP_RELEASES) -> Manifest:
+    """Add bundles to the channel directory ``repo``, bump the serial and re-sign; the
+    manifest written (and returned) is the history bounded (``history.py``).
 
     ``rollout`` applies to every patch published now; without it a patch already in
-    the manifest keeps its percentage and a new one gets ``new_rollout``.
+    the history keeps its percentage and a new one gets ``new_rollout``.
     """
     checks.check_name(app, "--app", "app")
     checks.check_name(channel, "--channel", "channel")
@@ -234,7 +223,8 @@ def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Se
     # the current one expires), changing nothing else.
     private = load_signers(keys)
     now = now or datetime.now(UTC)
-    manifest = _load_manifest(repo, app, channel, now)
+    _check_keep(keep_releases)
+    history = load_history(repo, _load_manifest(repo, app, channel, now))
     root = _publishing_root(repo)
     headers = [(Path(path), _read_bundle(Path(path), app, root)) for path in bundles]
     seen: dict[tuple[str, int, str], Path] = {}
@@ -248,16 +238,19 @@ def publish(repo: Path, app: str, channel: str, keys: Sequence[Key], bundles: Se
         stem = "full" if header.kind == "full" else str(header.patch)
         url = f"{header.release}/{stem}-{header.arch}.patchd"
         size, sha = _copy_bundle(path, repo / url)
-        manifest = _add(manifest, header, BundleRef(header.arch, url, size, sha), rollout,
-                        new_rollout)
+        history = with_bundle(history, header.release,
+                              header.patch if header.kind != "full" else 0,
+                              BundleRef(header.arch, url, size, sha), rollout, new_rollout)
         log.info("publish.bundle_added", bundle=str(path), url=url)
-    manifest = replace(manifest, serial=manifest.serial + 1, expires=now + expires)
-    return _write(repo, manifest, private, root)
+    history = replace(history, serial=history.serial + 1, expires=now + expires)
+    return _write(repo, history, private, root, keep_releases)
 
 
 def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: str,
-              patch: int, expires: timedelta, *, now: datetime | None = None) -> Manifest:
-    """Mark ``release`` patch ``patch`` rolled back, bump the serial and re-sign."""
+              patch: int, expires: timedelta, *, now: datetime | None = None,
+              keep_releases: int = DEFAULT_KEEP_RELEASES) -> Manifest:
+    """Mark ``release`` patch ``patch`` rolled back, bump the serial and re-sign (the
+    patch below it comes back into the manifest if it is now a floor)."""
     checks.check_name(app, "--app", "app")
     checks.check_name(channel, "--channel", "channel")
     repo = Path(repo)
@@ -266,15 +259,20 @@ def roll_back(repo: Path, app: str, channel: str, keys: Sequence[Key], release: 
     now = now or datetime.now(UTC)
     if not (repo / MANIFEST).exists():
         raise UsageError(f"{repo / MANIFEST} does not exist; nothing to roll back")
-    manifest = _load_manifest(repo, app, channel, now)
-    entry = manifest.releases.get(release)
-    if entry is None:
+    _check_keep(keep_releases)
+    history = load_history(repo, _load_manifest(repo, app, channel, now))
+    if release not in history.releases:
         raise UsageError(f"release {release!r} is not in {repo / MANIFEST}")
-    releases = dict(manifest.releases)
-    releases[release] = replace(entry, rolled_back=entry.rolled_back | {patch})
-    manifest = replace(manifest, releases=releases, serial=manifest.serial + 1,
-                       expires=now + expires)
-    return _write(repo, manifest, private, _publishing_root(repo))
+    history = with_rolled_back(history, release, patch)
+    history = replace(history, serial=history.serial + 1, expires=now + expires)
+    return _write(repo, history, private, _publishing_root(repo), keep_releases)
+
+
+def _check_keep(keep_releases: int) -> None:
+    if isinstance(keep_releases, bool) or not isinstance(keep_releases, int) \
+            or keep_releases < 1:
+        raise UsageError(f"keep_releases must be a whole number of at least 1, got "
+                         f"{keep_releases!r}")
 
 
 def parse_roll_back(text: str) -> tuple[str, int]:

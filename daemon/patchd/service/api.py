@@ -59,7 +59,7 @@ __all__ = ["ADMINS", "ANYONE", "REPORTERS", "BootOperations", "Operations", "Upd
 
 log = structlog.get_logger("patchd.service.api")
 
-ANYONE = frozenset({"GetStatus", "GetBootTarget", "WatchActivity"})
+ANYONE = frozenset({"GetStatus", "GetMetrics", "GetBootTarget", "WatchActivity"})
 REPORTERS = frozenset({"BootStart", "BootSuccess", "BootFailure"})
 ADMINS = frozenset({"CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark"})
 #: WatchActivity sends at most this many replies a second.
@@ -86,6 +86,7 @@ class Operations(Protocol):
     def boot(self) -> BootOperations: ...
     def status(self) -> dict[str, Any]: ...
     def hold_info(self) -> dict[str, Any] | None: ...
+    def metrics_text(self) -> str: ...
     async def check_now(self) -> Decision: ...
     async def install(self, path: Path, hold: bool = False) -> Build: ...
     async def rollback(self) -> Build: ...
@@ -175,8 +176,8 @@ class UpdaterApi:
 
     def methods(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in
-                ("GetStatus", "GetBootTarget", "BootStart", "BootSuccess", "BootFailure",
-                 "CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark",
+                ("GetStatus", "GetMetrics", "GetBootTarget", "BootStart", "BootSuccess",
+                 "BootFailure", "CheckNow", "Install", "Rollback", "Hold", "Unhold", "Unmark",
                  "WatchActivity")}
 
     def authorize(self, method: str, peer: PeerCred) -> bool:
@@ -191,6 +192,10 @@ class UpdaterApi:
     @_answers_errors
     async def GetStatus(self, call: Call) -> dict[str, Any]:
         return self.ops.status()
+
+    @_answers_errors
+    async def GetMetrics(self, call: Call) -> dict[str, Any]:
+        return {"text": self.ops.metrics_text()}
 
     @_answers_errors
     async def GetBootTarget(self, call: Call) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class Checker:
 
     def __init__(self, updater: Updater, runner: JobRunner, source: Callable[[], Source],
                  config: Callable[[], Config], on_change: Callable[[], None],
-                 on_error: Callable[[], None]) -> None:
+                 on_error: Callable[[BaseException], None]) -> None:
         self.updater = updater
         self.runner = runner
         self._source = source
@@ -59,6 +59,8 @@ class Checker:
         #: The update the last check left running (started or kept), for the poll loop.
         self.update_job: Job | None = None
         self.last_check: str | None = None
+        #: When the last check began, whatever its outcome (``last_check``: succeeded).
+        self.last_attempt: str | None = None
         self.next_check: str | None = None
         self.last_error: str | None = None
 
@@ -91,6 +93,7 @@ class Checker:
         return await self.runner.check(self._check)
 
     async def _check(self) -> Decision:
+        self.last_attempt = utc_now_text()
         try:
             take_fault("check")
             manifest = await self.updater.fetch_verified(self._source())
@@ -163,7 +166,7 @@ class Checker:
         else:
             log.error(event, error=str(exc), error_class=type(exc).__name__, kind=kind,
                       exc_info=exc)
-        self._on_error()
+        self._on_error(exc)
 
     async def poll_loop(self) -> None:
         """Check on schedule; back off after transient failures; never stop."""

@@ -43,6 +43,7 @@ from patchd.service.boot import BootKeeper
 from patchd.service.checks import Checker
 from patchd.service.events import EventQueue, send_pending
 from patchd.service.jobs import Job, JobRunner
+from patchd.service.metrics import Metrics, TextfileWriter, render
 from patchd.service.schedule import backoff_delay
 from patchd.service.supervise import supervised
 from patchd.service.updater import Updater
@@ -70,7 +71,9 @@ class Daemon:
                                  channel=config.server.channel,
                                  client_id=lambda: self.updater.client.client_id)
         self.lifecycle.on_event = self.events.add
-        self.updater = Updater(config, self.lifecycle, client, self.events)
+        self.metrics = Metrics()
+        self.events.listeners.append(self.metrics.event)
+        self.updater = Updater(config, self.lifecycle, client, self.events, self.metrics)
         #: One HTTP client per transport configuration, for the repository and events.
         self.http = HttpClients()
         self.source: Source = self._open_source(config)
@@ -78,7 +81,8 @@ class Daemon:
         self.boot = BootKeeper(self.lifecycle, lambda: self.config, on_change=self.wake_events)
         self.checks = Checker(self.updater, self.runner, lambda: self.source,
                               lambda: self.config, on_change=self.wake_events,
-                              on_error=self._show_status)
+                              on_error=self._failed)
+        self.textfile = TextfileWriter(lambda: self.config.metrics.textfile, self.metrics_text)
         self._wake_sender = anyio.Event()
         self._stop_watching = anyio.Event()
         #: The config file as last read (start or reload): a change the watcher reports
@@ -106,6 +110,11 @@ class Daemon:
     def wake_events(self) -> None:
         """Something queued events (or may have): let the sender look."""
         self._wake_sender.set()
+        self.textfile.changed()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.metrics.failure(exc)
+        self._show_status()
 
     # --- what the socket API calls -------------------------------------------------
 
@@ -134,6 +143,12 @@ class Daemon:
             return None
         now = datetime.now().astimezone()
         return {"build": p.next_boot.to_json(), **self.config.activate.when(now)}
+
+    def metrics_text(self) -> str:
+        """``GetMetrics`` and the textfile: the status and the counters, as Prometheus text."""
+        return render(self.status(), self.metrics.snapshot(),
+                      last_attempt=self.checks.last_attempt, queue_depth=len(self.events),
+                      queue_dropped=self.events.dropped)
 
     async def check_now(self) -> Decision:
         return await self.checks.check_now()
@@ -235,6 +250,7 @@ class Daemon:
             tg.start_soon(supervised, "poll_loop", self.checks.poll_loop)
             tg.start_soon(supervised, "event_sender", self._event_sender)
             tg.start_soon(supervised, "watchdog", self._watchdog)
+            tg.start_soon(supervised, "metrics", self.textfile.run)
             if self.config_path is not None:
                 tg.start_soon(supervised, "config_watcher", partial(self._config_watcher, tg))
         await self._shutdown()
@@ -254,6 +270,7 @@ class Daemon:
 
     def _show_status(self) -> None:
         self.notifier.status(self.status_line())
+        self.textfile.changed()
 
     async def _shutdown(self) -> None:
         log.debug("daemon.tasks_ended")
@@ -300,6 +317,7 @@ class Daemon:
             try:
                 await send_pending(self.events, client, url)
                 failures = 0
+                self.textfile.changed()  # the queue's depth
             except Exception as exc:  # whatever the collector does stays in here
                 failures += 1
                 log.warning("events.send_failed", error=str(exc),

@@ -43,6 +43,8 @@ class EventQueue:
         self._client_id = client_id
         self.limit = limit
         self._lock = threading.Lock()
+        #: Called with each event queued (type, build, message): the daemon's metrics.
+        self.listeners: list[Callable[[str, Build | None, str], None]] = []
         doc = read_json(path)
         events = doc.get("events") if isinstance(doc, dict) else None
         self._events: list[dict[str, Any]] = [
@@ -72,6 +74,8 @@ class EventQueue:
                 del self._events[:overflow]
                 self.dropped += overflow
             self._save()
+        for listener in self.listeners:
+            listener(type_, build, message)
 
     def peek(self, n: int = BATCH) -> list[dict[str, Any]]:
         with self._lock:

@@ -26,6 +26,7 @@ method GetStatus() -> (app: string, channel: string, release: string,
   builds: []BuildInfo, activity: Activity,
   last_check: ?string, next_check: ?string, last_error: ?string,
   hold: ?HoldInfo, activation: ?Activation)
+method GetMetrics() -> (text: string)
 method GetBootTarget() -> (build: Build, path: string)
 method BootStart(build: ?Build, pid: ?int) -> (build: Build, path: string)
 method BootSuccess(build: ?Build) -> ()

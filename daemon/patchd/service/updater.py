@@ -40,6 +40,7 @@ from patchd.core.model import Bad, BadReason, Build, utc_now_text
 from patchd.fetch.sources import Source
 from patchd.service.events import EventQueue
 from patchd.service.hooks import post_install
+from patchd.service.metrics import Metrics
 from patchd.state import (
     Action,
     ClientState,
@@ -86,8 +87,10 @@ class Updater:
     """
 
     def __init__(self, config: Config, lifecycle: Lifecycle, client: ClientState,
-                 events: EventQueue) -> None:
+                 events: EventQueue, metrics: Metrics | None = None) -> None:
         self.config = config
+        #: Counts the bundle bytes that arrive (``patchd_download_bytes_total``).
+        self.metrics = metrics or Metrics()
         self.lifecycle = lifecycle
         self.client = client
         self.events = events
@@ -299,7 +302,8 @@ class Updater:
                                                ref.sha256, ref.size)
             job.show("downloading", build, offset, ref.size)
             await source.download(url, dest, size=ref.size, sha256=ref.sha256,
-                                  offset=offset, progress=job.progress)
+                                  offset=offset,
+                                  progress=self.metrics.counting(job.progress, offset))
         elif action is Action.VERIFY:
             # The whole file is on disk: the download template hashes it without asking
             # the origin, and fetches it afresh at once if a power cut left it corrupt.
