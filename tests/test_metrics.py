@@ -185,7 +185,8 @@ def test_label_values_cannot_break_the_format() -> None:
     hostile = 'a"b\\c\nd\x1b[2J}e'
     status = {"app": "kiosk", "channel": hostile, "release": hostile,
               "next_boot": {"release": R, "patch": 1}, "builds": [],
-              "last_check": "not a time", "hold": {"reason": "trade show", "since": "2026-12-07T10:00:00Z"}}
+              "last_check": "not a time",
+              "hold": {"reason": "trade show", "since": "2026-12-07T10:00:00Z"}}
     text = render(status, Snapshot(0.0), last_attempt=None, queue_depth=0, queue_dropped=0)
     samples = parse(text)
     info = labels_of(samples, "patchd_build_info")
