@@ -112,7 +112,6 @@ class Checker:
             self.record_error(exc)
             raise UnexpectedError.wrapping(exc) from exc
         self.last_check = utc_now_text()
-        self.last_error = None  # the latest outcome is what status shows
         running = self.runner.job
         if running is not None and running.kind == "update" and (
                 running.build in forgotten or decision.build != running.build):
@@ -127,6 +126,10 @@ class Checker:
                               Activity("downloading", decision.build, 0, size))
         running = self.runner.job
         self.update_job = running if running is not None and running.kind == "update" else None
+        if self.update_job is None:
+            # Nothing left to do: this check is the latest outcome. An update it left
+            # running reports its own (success clears the error, failure records it).
+            self.last_error = None
         log.info("check.held" if hold is not None and decision.build is not None
                  else "check.decided", strategy=decision.kind,
                  build=str(decision.build) if decision.build else None)
