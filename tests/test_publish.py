@@ -177,3 +177,19 @@ def test_publish_without_bundles_renews_expiry(tmp_path: Path) -> None:
     assert renewed.serial == 5
     assert renewed.expires > now + timedelta(days=29)
     assert parse_manifest((repo / "manifest.json").read_bytes()).serial == 5
+
+
+def test_each_publish_gives_the_manifest_a_new_whole_second(env: dict[str, Path]) -> None:
+    """nginx's ETag and Last-Modified are the mtime in whole seconds and the size: two
+    publishes within one second of equal-size manifests looked unchanged (304) to a
+    host that polled between them, which then missed the second publish (found by
+    the disk-full campaign)."""
+    manifest = env["repo"] / "manifest.json"
+    seconds = []
+    for serial in range(1, 4):
+        publish(env["repo"], "kiosk", "stable", [env["key"]], [], None,
+                timedelta(days=1), now=NOW) if serial > 1 else publish(
+            env["repo"], "kiosk", "stable", [env["key"]], [bundle(env, 1)], None,
+            timedelta(days=1), now=NOW)
+        seconds.append(int(manifest.stat().st_mtime))
+    assert seconds[0] < seconds[1] < seconds[2], seconds

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -175,10 +178,32 @@ def _write(repo: Path, history: Manifest, keys: list[Signer], root: Root | None,
                              f"updates role: {exc}") from None
     write_history(repo, history)
     atomic_write_bytes(repo / SIGNATURE, sig)
-    atomic_write_bytes(repo / MANIFEST, data)
+    when = _fresh_mtime(repo / MANIFEST)
+    with atomic_file(repo / MANIFEST, 0o644) as f:
+        f.write(data)
+        f.flush()
+        os.utime(f.fileno(), (when, when))
     log.info("publish.manifest_written", repo=str(repo), serial=manifest.serial,
              root_version=manifest.root_version, size=len(data))
     return manifest
+
+
+def _fresh_mtime(path: Path) -> float:
+    """An mtime for the new manifest in a later whole second than the one it replaces.
+
+    Static servers (nginx, Apache) derive ``ETag`` and ``Last-Modified`` from the
+    file's mtime in whole seconds and its size. A bounded manifest often keeps its
+    size from one publish to the next, so a manifest rewritten within the same second
+    would look unchanged to a host that polled in between: it would get 304 and miss
+    the publish until the next one. At most a second ahead of the clock per publish
+    made within one second; the clock catches up by itself.
+    """
+    now = time.time()
+    try:
+        previous = path.stat().st_mtime
+    except FileNotFoundError:
+        return now
+    return max(now, math.floor(previous) + 1.0)
 
 
 def _read_bundle(path: Path, app: str, root: Root | None) -> BundleHeader:
