@@ -107,6 +107,10 @@ def test_daemon_follows_rotation_and_refuses_revoked_key_and_freeze(tmp_path: Pa
             assert poll == [("/manifest.json", 304)]
             assert sum(r.path == "/root/2.json" for r in nginx.requests()) == 1
 
+            # A real change (an unchanged file is only `config.unchanged` since the
+            # one-reload-per-change rule): the transport must survive the reload.
+            d.config_path.write_text(d.config_path.read_text().replace(
+                'poll_interval = "1h"', 'poll_interval = "2h"'))
             d.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
             d.wait_log("config.reloaded")
             d.check_and_wait()
