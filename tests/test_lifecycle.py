@@ -544,6 +544,27 @@ def test_boot_success_keeps_newer_download_and_next_boot(lc: Lifecycle) -> None:
     assert isinstance(lc.state(B3), Downloading) and lc.download_path(B3).stat().st_size == 3
 
 
+def test_boot_success_leaves_an_install_in_progress_alone(lc: Lifecycle) -> None:
+    """A boot success between the installer's rename of the staging tree and
+    record_install_complete keeps the new tree (found by the crash campaign: the tree
+    of a build still ``downloaded`` was swept, and the install then failed with
+    IllegalTransition "tree missing")."""
+    ready(lc, B1)
+    lc.record_boot_start(None, None, None)
+    download(lc, B2)
+    lc.record_install_started(B2)
+    staging = lc.staging_path(B2)
+    (staging / "bin").mkdir(parents=True)
+    (staging / "bin" / "app").write_bytes(b"2")
+    os.rename(staging, lc.tree_path(B2))
+    lc.record_boot_success(None)  # the app reports in while the install finishes
+    assert (lc.tree_path(B2) / "bin" / "app").read_bytes() == b"2"
+    lc.record_install_complete(B2, 1, {"bin/app": sha_of(B2)})
+    lc.end_install(B2)
+    lc.promote_to_next_boot(B2)
+    assert lc.pointers.next_boot == B2 and lc.pointers.last_booted == B1
+
+
 def test_boot_success_requires_boot_in_progress(lc: Lifecycle) -> None:
     """Without BootStart: NoBootInProgress; with another build: NotBootTarget."""
     with pytest.raises(NoBootInProgress):

@@ -104,6 +104,15 @@ def materialise(lifecycle: Lifecycle, req: InstallRequest,
         raise UsageError(f"build {build} is the release the OS installed in {final}; "
                          "patchd never writes there, so it cannot be installed")
     lifecycle.record_install_started(build)
+    try:
+        return _materialise_started(lifecycle, req, final, check_cancelled)
+    finally:
+        lifecycle.end_install(build)
+
+
+def _materialise_started(lifecycle: Lifecycle, req: InstallRequest, final: Path,
+                         check_cancelled: Callable[[], None] | None) -> Installed:
+    build = req.build
     staging = lifecycle.staging_path(build)
     try:
         size, files = _build_tree(lifecycle, req, staging, check_cancelled)

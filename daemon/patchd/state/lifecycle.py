@@ -80,6 +80,11 @@ class Lifecycle(LifecycleView):
         super().__init__(layout, release_dir, os_release, pointers)
         self._lock_fd: int | None = lock_fd
         self.on_event: EventHook | None = None
+        #: Builds whose install runs now (in a worker thread, outside the lock): from
+        #: ``record_install_started`` to ``end_install``. Their directory is the
+        #: installer's; a boot success must not clear it between the rename of the
+        #: staging tree and ``record_install_complete``.
+        self._installing: set[Build] = set()
 
     # --- opening and closing ---
 
@@ -192,6 +197,7 @@ class Lifecycle(LifecycleView):
         if isinstance(state, Bad | Installed):
             raise IllegalTransition(build, state, "install")
         if state is None:
+            self._installing.add(build)
             log.info("lifecycle.install_started", build=str(build), attempts=None)
             return
         if state.attempts >= MAX_INSTALL_ATTEMPTS:
@@ -199,6 +205,7 @@ class Lifecycle(LifecycleView):
             self.mark_bad(build, BadReason.INSTALL_LOOP, detail)
             raise InstallLoop(f"build {build}: {detail}; marked bad")
         self._write_state(build, replace(state, attempts=state.attempts + 1), "install_started")
+        self._installing.add(build)
         log.info("lifecycle.install_started", build=str(build), attempts=state.attempts + 1)
 
     @locked
@@ -211,6 +218,11 @@ class Lifecycle(LifecycleView):
         log.info("lifecycle.install_aborted", build=str(build))
 
     @locked
+    def end_install(self, build: Build) -> None:
+        """The installer is done with the build's directory, however it ended."""
+        self._installing.discard(build)
+
+    @locked
     def record_install_complete(self, build: Build, size: int, files: dict[str, str]) -> None:
         """The tree is in place at ``builds/R/N/tree``: the build is installed and its
         download is no longer needed."""
@@ -221,6 +233,7 @@ class Lifecycle(LifecycleView):
         if not tree.is_dir():
             raise IllegalTransition(build, state, "complete an install of", f"{tree} missing")
         self._write_state(build, Installed(size, dict(files)), "install_complete")
+        self._installing.discard(build)
         store.remove_download(self.download_files(build))
         fsio.remove_tree(self.layout.staging(build))
         log.info("lifecycle.installed", build=str(build), size=size, files=len(files))
@@ -283,11 +296,11 @@ class Lifecycle(LifecycleView):
         log.info("lifecycle.boot_success", build=str(booted), previous=previous)
         self._emit("boot_success", booted, "booted successfully")
         for other, state in self.builds():
-            if other == booted or other in self._protected():
+            if other == booted or other in self._protected() or other in self._installing:
                 continue
             if isinstance(state, Bad) or other.sort_key() < booted.sort_key():
                 self.cleanup(other)
-        store.remove_unprotected_trees(self.layout, self._protected())
+        store.remove_unprotected_trees(self.layout, self._protected(), self._installing)
         return booted
 
     @locked

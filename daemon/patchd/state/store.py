@@ -181,16 +181,20 @@ def remove_empty_release(layout: Layout, release: str) -> None:
             rel_dir.rmdir()
 
 
-def remove_unprotected_trees(layout: Layout, protected: set[Build]) -> None:
+def remove_unprotected_trees(layout: Layout, protected: set[Build],
+                             installing: set[Build]) -> None:
     """After a boot, trees kept only because a host might run them can go: those of
     builds no longer protected that are not installed (forgotten, bad, or being
     downloaded again after a rollback), and old trees a reinstall moved aside (the
-    host has just booted the tree that replaced them)."""
+    host has just booted the tree that replaced them). The directory of a build being
+    ``installing`` is the installer's: its new tree is in place but not yet recorded."""
     for rel in listdir(layout.builds):
         for patch in listdir(layout.release_dir(rel)):
             if not is_patch_name(patch) or not is_valid_release(rel):
                 continue
             build = Build(rel, int(patch))
+            if build in installing:
+                continue
             bdir = layout.build_dir(build)
             for entry in listdir(bdir):
                 if entry.startswith(OLD_TREE_PREFIX):
