@@ -77,7 +77,7 @@ class Line:
 
 
 class Nginx:
-    def __init__(self, root: Path, work: Path) -> None:
+    def __init__(self, root: Path, work: Path, prefix: list[str] | None = None) -> None:
         self.root, self.work = root, work
         (work / "tmp").mkdir(parents=True)
         with socket.socket() as s:
@@ -87,7 +87,8 @@ class Nginx:
         (work / "nginx.conf").write_text(CONF.format(user=user, work=work, root=root,
                                                      port=self.port))
         (work / "access.log").touch()
-        self.proc = subprocess.Popen([NGINX, "-p", str(work), "-c", str(work / "nginx.conf")],
+        self.proc = subprocess.Popen([*(prefix or []), NGINX, "-p", str(work), "-c",
+                                      str(work / "nginx.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:

@@ -91,6 +91,17 @@ def test_unit_has_the_spec_settings() -> None:
     assert one("Group") == "patchd"
 
 
+def test_unit_is_gentle_on_the_host() -> None:
+    """patchd yields CPU and disk to the app and has a memory ceiling well above its
+    measured peak (bench/bench_gentle.py: about 64 MiB through a 1 GiB update)."""
+    assert one("Nice") == "19"
+    assert one("CPUWeight") == "1"
+    assert one("IOWeight") == "20"
+    assert one("IOSchedulingClass") == "best-effort"
+    assert one("IOSchedulingPriority") == "7"
+    assert one("MemoryMax") == "256M"
+
+
 def test_shared_runtime_directory_survives_one_instance_stopping() -> None:
     """/run/patchd is preserved, so stopping patchd@a cannot delete patchd@b's socket."""
     assert one("RuntimeDirectoryPreserve") == "yes"
