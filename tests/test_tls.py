@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import ssl
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 import trustme
 
 from patchd.config import config_from_dict
-from patchd.core.errors import ConfigErrors, RedirectRefused, RepositoryError
+from patchd.core.errors import ConfigErrors, NetworkError, RedirectRefused, RepositoryError
 from patchd.fetch.client import USER_AGENT, HttpClients, TransportSettings
 from patchd.fetch.sources import HttpSource, open_source
 from support.nginx import NGINX, NginxRepo, NginxTls, run_nginx
@@ -284,3 +287,54 @@ def test_one_client_per_transport_configuration(tmp_path: Path, ca: trustme.CA) 
     assert clients.get(settings(tmp_path)) is not first
     assert clients.built == 2
     anyio.run(clients.aclose)
+
+
+async def test_a_broken_record_mid_body_keeps_every_byte_before_it(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    """A TLS server whose connection breaks mid-body (garbage where the next record
+    belongs: a fault nginx cannot make, so a hand-written server) ends the download
+    with a NetworkError, and every byte of the good records before it is on disk: the
+    receive loop hands over what it read before the error, then raises it."""
+    good = os.urandom(300_000)
+    total = len(good) + 1_000_000
+    leaf = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(server_ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    sent = threading.Event()
+
+    def serve_once() -> None:
+        raw, _ = listener.accept()
+        with server_ctx.wrap_socket(raw, server_side=True) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n".encode())
+            conn.sendall(good)
+            # A record header announcing 16 KiB of application data, then noise: the
+            # client's decryption fails there, after the good records.
+            # (socket.socket's own sendall: bytes past the TLS layer, on its socket)
+            socket.socket.sendall(conn, b"\x17\x03\x03\x40\x00" + os.urandom(16384))
+            sent.set()
+            with contextlib.suppress(OSError):
+                socket.socket.recv(conn, 1)  # until the client gives up
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    clients = HttpClients()
+    dest = tmp_path / "b.patchd"
+    try:
+        url = f"https://127.0.0.1:{port}/b.patchd"
+        src = open_source(url, timeout=5.0,
+                          client=clients.get(settings(tmp_path, ca_file=ca_file(tmp_path, ca))))
+        async with src:
+            with pytest.raises(NetworkError, match="SSL"):
+                await src.download(url, dest, size=total, sha256="0" * 64, offset=0,
+                                   progress=None)
+    finally:
+        await clients.aclose()
+        listener.close()
+        thread.join(timeout=5)
+    assert sent.is_set()
+    assert dest.read_bytes() == good

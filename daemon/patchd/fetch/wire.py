@@ -10,8 +10,9 @@ handles a byte of it:
 - :func:`open_body`: the body for the pump (:mod:`patchd.fetch.pump`).
 
 The body is read with ``recv_into`` on the connection's socket, straight into the
-pump's buffers (:class:`SocketBody`): one system call, or one TLS record, per read, no
-HTTP framing in Python and no copy on the way. The socket comes from the response's
+pump's buffers (:class:`SocketBody`): a whole buffer per read (one ``MSG_WAITALL``
+system call on a plain socket, a loop over TLS records on a TLS one), no HTTP framing
+in Python and no copy on the way. The socket comes from the response's
 ``network_stream`` extension (httpx and httpcore document it and its
 ``get_extra_info``; every httpcore backend answers ``get_extra_info("socket")``, and
 without an answer the body is read through httpx, below). It is used only where it
