@@ -1,19 +1,27 @@
 """Benchmark: patchd's bundle download against python-tuf's ngclient and ``curl | tee | sha256``.
 
-One nginx on loopback serves one file (the bundle, and the same inode as python-tuf's
-target). In the same run, alternating, each contender downloads it three times, each
-time in a fresh child process; the figures are medians of three:
+One nginx on loopback serves a repository published with patchd's own publisher whose
+newest build is a patch bundle of about ``--size-mb`` of random bytes (zstd cannot
+shrink them); the same inode is also served as ``b.patchd`` and as python-tuf's target.
+In the same run, alternating, each contender downloads it three times, each time in a
+fresh process; the figures are medians of three:
 
 1. patchd: ``HttpSource.download`` (receive, hash, write, fsync, the partial-file
    protocol), timed from the call to its return;
 2. python-tuf: ``Updater.download_target`` (tuf's urllib3 fetcher, its temporary file,
    the hash check, the copy to the destination; no fsync), after ``refresh()``;
 3. the pipeline ``curl -s URL | tee FILE | python -c 'sha256 over stdin'`` (no fsync);
-4. with ``--before DIR``: patchd from another source tree (``DIR/daemon``), e.g. the
+4. the daemon: a real ``patchd run`` (a fresh state directory each time) told
+   ``CheckNow`` over its varlink socket, timed until its JSON log says
+   ``lifecycle.download_complete`` (the bundle verified; the log is read every 2 ms).
+   It is killed then: the install that follows is not measured;
+5. with ``--before DIR``: patchd from another source tree (``DIR/daemon``), e.g. the
    commit before a change, for a before/after table from the same run.
 
 CPU seconds per GiB: the child's own CPU time (every thread, user + system) over the
-timed call; the pipeline's is its processes' (``RUSAGE_CHILDREN``, start-up included).
+timed call; the pipeline's is its processes' (``RUSAGE_CHILDREN``, start-up included);
+the daemon's is its utime + stime (/proc/PID/stat, every thread, in 10 ms ticks) from
+just before ``CheckNow`` (the manifest's fetch and check included) until the log line.
 Peak RSS is the patchd child's VmHWM (the interpreter and its imports included).
 
 Crash resume: a patchd child is stopped (SIGSTOP) once half the file is on disk, the
@@ -22,8 +30,9 @@ kernel's count of its connection's bytes read by the process is taken (``ss -ti`
 SIGKILLed and a new child resumes. Bytes fetched again = bytes it had read minus the
 length of the partial file the resume starts from.
 
-Targets (issues #19 and #21): patchd ≥ 1.5 × python-tuf's throughput, ≤ 1.5 CPU-s/GiB
-(#19: ≤ 2.0, beside the pipeline's), peak RSS < 64 MiB, ≤ 4 MiB fetched again.
+Targets (issues #19 and #21): patchd ≥ 1.5 × python-tuf's throughput, ≤ 1.5 CPU-s/GiB,
+the daemon ≤ 2.0 CPU-s/GiB (#19, beside the pipeline's), peak RSS < 64 MiB, ≤ 4 MiB
+fetched again.
 The machine's load (``/proc/loadavg``) is printed with the figures.
 
     bench/bench_download.py                      # 512 MiB
@@ -55,7 +64,11 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
+
+if TYPE_CHECKING:
+    from daemon_run import PatchRepo
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -122,20 +135,6 @@ def child_tuf(base: str, work: str, dest: str) -> None:
 # --- parent --------------------------------------------------------------------------------
 
 
-def make_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    block = os.urandom(16 * MiB)
-    with path.open("wb") as f:
-        left = size
-        while left:
-            piece = block[: min(left, len(block))]
-            f.write(piece)
-            digest.update(piece)
-            left -= len(piece)
-            block = block[1:] + block[:1] if left else block  # avoid a repeating file
-    return digest.hexdigest()
-
-
 def make_tuf_repo(root: Path, bundle: Path) -> None:
     """A python-tuf repository (one key for every role) whose only target is ``bundle``."""
     from securesystemslib.signer import CryptoSigner
@@ -175,6 +174,32 @@ def run_child(args: list[str], pythonpath: str | None = None) -> subprocess.Pope
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, __file__, "--child", *args],
                             stdout=subprocess.PIPE, env=env)
+
+
+def daemon_download(work: Path, manifest_url: str, repo: PatchRepo) -> dict[str, float]:
+    """A fresh ``patchd run`` told ``CheckNow``: its seconds and CPU seconds until the
+    bundle's download is complete (not its install: it is killed then), and its CPU
+    seconds until the download started (the check: manifest, decision, state)."""
+    from common import cpu_seconds, rss_kib
+    from daemon_run import LogTail, start_daemon
+
+    d = start_daemon(work, manifest_url, repo, level="info")
+    try:
+        assert d.proc is not None
+        pid = d.proc.pid
+        log = LogTail(d, d.log_size())
+        started, cpu = time.perf_counter(), cpu_seconds(pid)
+        reply = d.call("CheckNow")
+        assert reply["strategy"] == "patch", reply
+        log.wait("lifecycle.download_started", timeout=60)
+        check_cpu = cpu_seconds(pid) - cpu
+        log.wait("lifecycle.download_complete", timeout=600)
+        figures = {"seconds": time.perf_counter() - started, "cpu": cpu_seconds(pid) - cpu,
+                   "check_cpu": check_cpu, "vmhwm_kb": rss_kib(pid)[1]}
+    finally:
+        d.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return figures
 
 
 def finish(proc: subprocess.Popen[bytes], what: str) -> dict[str, float]:
@@ -267,23 +292,35 @@ def main() -> int:
         return 0
 
     sys.path.append(str(HERE.parent / "tests"))
+    sys.path.append(str(HERE))  # appended: never shadows the stdlib
+    from common import emit  # RESULT lines for bench/run
+    from daemon_run import publish_patch
+    from patchd.host.logs import configure_logging
     from support.nginx import run_nginx
 
-    size = ns.size_mb * MiB
+    configure_logging("console", "warning", stream=sys.stderr)  # quiet: the publisher
+
     before_path = str(Path(ns.before).resolve() / "daemon") if ns.before else None
     load_start = loadavg()
-    runs: dict[str, list[dict[str, float]]] = {"patchd": [], "python-tuf": [], "pipeline": []}
+    runs: dict[str, list[dict[str, float]]] = {"patchd": [], "python-tuf": [], "pipeline": [],
+                                               "patchd run": []}
     if before_path:
         runs["patchd (before)"] = []
     with tempfile.TemporaryDirectory(prefix="patchd-bench-") as tmp:
         work = Path(tmp)
         root = work / "repo"
         root.mkdir()
-        print(f"making a {ns.size_mb} MiB bundle and a python-tuf repository…", flush=True)
-        sha = make_file(root / "b.patchd", size)
+        print(f"making a {ns.size_mb} MiB bundle, its repository and python-tuf's…",
+              flush=True)
+        published = publish_patch(work, root / "stable", ns.size_mb * MiB)
+        os.link(published.bundle, root / "b.patchd")  # the same file, the same page cache
+        size = (root / "b.patchd").stat().st_size
+        with (root / "b.patchd").open("rb") as f:
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
         make_tuf_repo(root, root / "b.patchd")
         with run_nginx(root, work / "nginx") as repo:
             url = repo.url("b.patchd")
+            manifest_url = repo.url("stable/manifest.json")
             base = url.rsplit("/", 1)[0]
             out = work / "out.patchd"
             names = list(runs)
@@ -294,11 +331,14 @@ def main() -> int:
                     elif name == "python-tuf":
                         runs[name].append(finish(run_child(["tuf", base, str(work),
                                                             str(out)]), name))
+                    elif name == "patchd run":
+                        runs[name].append(daemon_download(work / f"daemon-{rnd}",
+                                                          manifest_url, published))
                     else:
                         path = before_path if name == "patchd (before)" else None
                         runs[name].append(finish(run_child(
                             ["patchd", url, str(out), str(size), sha, "0"], path), name))
-                    out.unlink()
+                    out.unlink(missing_ok=True)
             read, offset, refetched = kill_and_resume(url, work, size, sha)
     load_end = loadavg()
 
@@ -308,24 +348,30 @@ def main() -> int:
     def cpu_gib(name: str) -> float:
         return statistics.median(r["cpu"] / (size / GiB) for r in runs[name])
 
-    print(f"size {ns.size_mb} MiB, median of {ROUNDS}, alternating; "
+    print(f"size {size / MiB:.1f} MiB, median of {ROUNDS}, alternating; "
           f"load {load_start} → {load_end}")
     for name in runs:
         print(f"{name:16s} {mib_s(name):8.1f} MiB/s  {cpu_gib(name):6.2f} CPU-s/GiB")
+    daemon_cpu, pipe_cpu = cpu_gib("patchd run"), cpu_gib("pipeline")
+    daemon_rss = max(r["vmhwm_kb"] for r in runs["patchd run"]) / 1024
+    check_cpu = statistics.median(r["check_cpu"] for r in runs["patchd run"])
+    print(f"daemon (patchd run), CheckNow → download_complete: {daemon_cpu:.2f} CPU-s/GiB, "
+          f"target ≤ 2.00 (#19); pipeline {pipe_cpu:.2f}, ×{daemon_cpu / pipe_cpu:.2f}; "
+          f"of it {check_cpu:.2f} CPU-s before download_started; "
+          f"daemon peak RSS {daemon_rss:.1f} MiB")
     ratio = mib_s("patchd") / mib_s("python-tuf")
     rss_mib = max(r["vmhwm_kb"] for r in runs["patchd"]) / 1024
     print(f"patchd / python-tuf   {ratio:6.2f}       target ≥ 1.50")
     print(f"peak RSS (VmHWM)      {rss_mib:6.1f} MiB   target < 64")
     print(f"SIGKILL at {offset / size:.0%}: read {read}, on disk {offset}, "
           f"fetched again {refetched / MiB:.2f} MiB (target ≤ 4)")
-    sys.path.append(str(HERE))  # appended: never shadows the stdlib
-    from common import emit  # RESULT lines for bench/run
-
     cpu = cpu_gib("patchd")
     emit("download.vs_python_tuf", mib_s("patchd"), "MiB/s", ">= 1.5x python-tuf",
          ratio >= 1.5, baseline=mib_s("python-tuf"), ratio=ratio)
     emit("download.cpu_per_gib", cpu, "CPU-s/GiB", "<= 1.5 (pipeline as baseline)",
          cpu <= 1.5, baseline=cpu_gib("pipeline"), ratio=cpu / cpu_gib("pipeline"))
+    emit("download.daemon_cpu_per_gib", daemon_cpu, "CPU-s/GiB", "<= 2.0 (#19)",
+         daemon_cpu <= 2.0, baseline=pipe_cpu, ratio=daemon_cpu / pipe_cpu)
     emit("download.python_tuf_cpu_per_gib", cpu_gib("python-tuf"), "CPU-s/GiB",
          "(figure only)", True, baseline=cpu, ratio=cpu_gib("python-tuf") / cpu)
     emit("download.vs_pipeline", mib_s("patchd"), "MiB/s", "(figure only)", True,

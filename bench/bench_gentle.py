@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +38,14 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from bench_fleet import Nginx  # noqa: E402
 from common import cpu_seconds, emit, rss_kib  # noqa: E402
+from daemon_run import RELEASE, DaemonProcess, publish_patch, start_daemon  # noqa: E402
 
 
 def gentle_prefix(nice: int) -> list[str]:
     """The unit's settings (systemd/patchd@.service), as commands outside systemd."""
     return ["nice", "-n", str(nice), "ionice", "-c", "2", "-n", "7"]
-RELEASE = "1.4.0"
+
+
 WORKER = r"""
 import signal, sys, time
 marks = []
@@ -161,39 +161,22 @@ def main() -> int:
                         help="seconds patchd is stopped between slices (the app alone)")
     args = parser.parse_args()
     from patchd.host.logs import configure_logging
-    from support.daemon import DaemonProcess, Publisher, write_tree
 
     configure_logging("console", "warning", stream=sys.stderr)
     size = args.size_mb * 1024 * 1024
     with tempfile.TemporaryDirectory(prefix="bench-gentle-", dir="/var/tmp") as tmp:
         work = Path(tmp)
-        release = write_tree(work / "opt", {"bin/app": "r\n"}, version=RELEASE)
-        target = work / "target"
-        shutil.copytree(release, target)
-        rng = random.Random(4)
-        for i in range(16):
-            (target / f"data{i:02d}.bin").write_bytes(rng.randbytes(size // 16))
-        repo = work / "www" / "stable"
-        repo.mkdir(parents=True)
-        publisher = Publisher(work, repo)
         started = time.monotonic()
-        bundle = publisher.bundle(RELEASE, 1, release, target)
-        publisher.publish(bundle)
-        bundle.unlink()
-        shutil.rmtree(target)
-        bundle_size = (repo / RELEASE / "1-any.patchd").stat().st_size
-        print(f"bundle {bundle_size / 2**20:.0f} MiB packed and published in "
+        repo = publish_patch(work, work / "www" / "stable", size)
+        bundle_size = repo.bundle.stat().st_size
+        print(f"bundle {bundle_size / 2**20:.0f} MiB made, packed and published in "
               f"{time.monotonic() - started:.0f} s", flush=True)
         nginx = Nginx(work / "www", work / "nginx", prefix=["nice", "-n", "19"])
         daemons: list[DaemonProcess] = []
         try:
             def daemon(name: str, wrapper: list[str]) -> DaemonProcess:
-                d = DaemonProcess(work / name, manifest_url=nginx.url("stable/manifest.json"),
-                                  keys=[publisher.public], release_dir=release,
-                                  extra='[log]\nlevel = "warning"\n')
-                d.wrapper = wrapper
+                d = start_daemon(work / name, nginx.url("stable/manifest.json"), repo, wrapper)
                 daemons.append(d)
-                d.start()
                 return d
 
             print(f"load average: {os.getloadavg()}", flush=True)
