@@ -449,7 +449,7 @@ except PermissionError as exc:
 def test_socket_group_not_allowed_is_a_clear_error(tmp_path: Path) -> None:
     """A process that may not give the socket to its group (chown EPERM) gets an error
     naming the socket (not the temporary file chown saw) and leaves no file behind.
-    (The daemon never gets there: ``_usable_group`` falls back to its own group.)"""
+    (The daemon never gets there: ``socket_group_usable`` makes it keep its own group.)"""
     sockdir = Path(tempfile.mkdtemp(prefix="pdg", dir="/tmp"))
     try:
         os.chmod(sockdir, 0o777)
