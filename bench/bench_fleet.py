@@ -24,8 +24,6 @@ import contextlib
 import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,31 +38,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from common import emit  # noqa: E402
 from fleet import Publish, Window, window_model  # noqa: E402
+from support.nginx import NGINX, run_nginx  # noqa: E402
 
-NGINX = os.environ.get("PATCHD_NGINX", "/usr/sbin/nginx")
-CONF = """\
-{user}worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    default_type application/octet-stream;
-    log_format fleet '$msec $status $body_bytes_sent $bytes_sent $request_method $uri';
-    access_log {work}/access.log fleet;
-    client_body_temp_path {work}/tmp/body;
-    proxy_temp_path {work}/tmp/proxy;
-    fastcgi_temp_path {work}/tmp/fastcgi;
-    uwsgi_temp_path {work}/tmp/uwsgi;
-    scgi_temp_path {work}/tmp/scgi;
-    sendfile on;
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-    }}
-}}
-"""
+#: The access log: when, what was answered and how many bytes went out, per request.
+LOG_FORMAT = "'$msec $status $body_bytes_sent $bytes_sent $request_method $uri'"
 
 
 @dataclass(frozen=True)
@@ -77,30 +54,20 @@ class Line:
 
 
 class Nginx:
+    """tests/support/nginx.py's ``run_nginx`` with the fleet's access log (times and
+    bytes sent), room for a fleet's connections, and a ``prefix`` for bench_gentle's
+    ``nice``; started on construction and stopped by :meth:`stop`, as the benches use it.
+    """
+
     def __init__(self, root: Path, work: Path, prefix: list[str] | None = None) -> None:
         self.root, self.work = root, work
-        (work / "tmp").mkdir(parents=True)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        (work / "nginx.conf").write_text(CONF.format(user=user, work=work, root=root,
-                                                     port=self.port))
-        (work / "access.log").touch()
-        self.proc = subprocess.Popen([*(prefix or []), NGINX, "-p", str(work), "-c",
-                                      str(work / "nginx.conf")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), 0.2):
-                break
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("nginx did not start")
-            time.sleep(0.05)
+        self._stack = contextlib.ExitStack()
+        self._repo = self._stack.enter_context(run_nginx(
+            root, work, prefix=prefix, log_format=LOG_FORMAT, worker_connections=1024))
+        self.port = self._repo.port
 
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
+        return self._repo.url(name)
 
     def lines(self) -> list[Line]:
         out = []
@@ -121,8 +88,7 @@ class Nginx:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        self._stack.close()
 
 
 def header_sizes(nginx: Nginx) -> tuple[int, int]:

@@ -7,16 +7,13 @@ from __future__ import annotations
 import grp
 import json
 import os
-import pwd
 import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,11 +23,21 @@ import varlink
 
 from patchd.core.errors import SocketInUse
 from patchd.service.api import serve_api
-from support.daemon import DaemonProcess, Publisher, state_of, write_tree
-from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
-
-UPDATER = "io.patchd.Updater"
-R = "1.4.0"
+from support.daemon import DaemonProcess, Publisher, state_of
+from support.env import (  # noqa: F401 (env_fixture, http_env_fixture: fixtures)
+    UPDATER,
+    Env,
+    R,
+    as_user,
+    b,
+    credentials,
+    denied,
+    env_fixture,
+    http_env_fixture,
+    needs_root,
+    shared_socket,
+)
+from support.nginx import nginx_repo  # noqa: F401 (fixture)
 
 #: docs/socket.md, copied here on purpose: the daemon must return exactly this text, and a
 #: copy independent of patchd.service.interface catches an accidental edit there.
@@ -75,102 +82,6 @@ error StateConflict (reason: string)
 error NotMarkedBad (build: Build, state: ?string)
 error DowngradeRefused (build: Build, newer: Build)
 """
-
-
-def b(patch: int, release: str = R) -> dict[str, Any]:
-    """A Build as it travels on the wire."""
-    return {"release": release, "patch": patch}
-
-
-# --- the environment: a release, a publisher, a repository, daemons --------------------
-
-
-@dataclass
-class Env:
-    """A host (release dir), a publisher with a repository, and daemons to start."""
-
-    tmp: Path
-    release_dir: Path
-    publisher: Publisher
-    manifest_url: str
-    daemons: list[DaemonProcess] = field(default_factory=list)
-
-    def tree(self, files: dict[str, str | bytes]) -> Path:
-        """The release's tree with ``files`` changed (a patch's target)."""
-        target = self.tmp / "trees" / f"t{len(list(self.tmp.glob('trees/*')))}"
-        shutil.copytree(self.release_dir, target, symlinks=True)
-        for rel, data in files.items():
-            path = target / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(data, bytes):
-                path.write_bytes(data)
-            else:
-                path.write_text(data)
-        return target
-
-    def patch(self, number: int, extra: dict[str, str | bytes] | None = None,
-              **kw: Any) -> Path:
-        """A signed patch bundle (not published) whose app prints its number."""
-        files: dict[str, str | bytes] = {"lib/app.py": f"print('patch {number}')\n"}
-        files.update(extra or {})
-        return self.publisher.bundle(R, number, self.release_dir, self.tree(files), **kw)
-
-    def daemon(self, extra: str = "", start: bool = True,
-               prepare: Callable[[DaemonProcess], None] | None = None) -> DaemonProcess:
-        d = DaemonProcess(self.tmp / f"d{len(self.daemons)}", manifest_url=self.manifest_url,
-                          keys=[self.publisher.public], release_dir=self.release_dir,
-                          extra=extra)
-        self.daemons.append(d)
-        if prepare is not None:
-            prepare(d)
-        if start:
-            d.start()
-        return d
-
-    def close(self) -> None:
-        for d in self.daemons:
-            d.close()
-
-
-def make_env(tmp: Path, repo: Path, manifest_url: str) -> Env:
-    release = write_tree(tmp / "opt" / "kiosk",
-                         {"bin/kiosk": "#!/bin/sh\n", "lib/app.py": "print('1.4.0')\n"},
-                         version=R)
-    repo.mkdir(parents=True, exist_ok=True)
-    return Env(tmp, release, Publisher(tmp, repo), manifest_url)
-
-
-@contextmanager
-def local_env(tmp: Path) -> Iterator[Env]:
-    """A local (file://) repository: the fastest real source for most tests."""
-    repo = tmp / "repo" / "stable"
-    e = make_env(tmp, repo, f"file://{repo}/manifest.json")
-    try:
-        yield e
-    finally:
-        e.close()
-
-
-@contextmanager
-def nginx_env(tmp: Path, nginx: NginxRepo) -> Iterator[Env]:
-    """The same over a real nginx, where ``max_download_rate`` applies."""
-    e = make_env(tmp, nginx.root / "stable", nginx.url("stable/manifest.json"))
-    try:
-        yield e
-    finally:
-        e.close()
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    with local_env(tmp_path) as e:
-        yield e
-
-
-@pytest.fixture
-def http_env(tmp_path: Path, nginx_repo: NginxRepo) -> Iterator[Env]:  # noqa: F811
-    with nginx_env(tmp_path, nginx_repo) as e:
-        yield e
 
 
 def client(d: DaemonProcess) -> varlink.Client:
@@ -337,56 +248,6 @@ def test_interface_errors(env: Env) -> None:
 
 # --- authorisation by uid -------------------------------------------------------------------
 
-# The child starts as root (the interpreter lives under /root, which other users cannot
-# read), imports what it needs, then drops to the user's uid/gid and supplementary
-# groups before it connects; it talks through the varlink package and prints one JSON
-# outcome per call.
-_AS_USER = """\
-import json, os, sys, varlink
-uid, gid, groups = json.loads(sys.argv[3])
-os.setgroups(groups)
-os.setgid(gid)
-os.setuid(uid)
-socket, calls = sys.argv[1], json.loads(sys.argv[2])
-out = []
-with varlink.Client(address="unix:" + socket) as c, c.open("io.patchd.Updater") as up:
-    for method, params in calls:
-        try:
-            out.append({"ok": getattr(up, method)(**params)})
-        except varlink.VarlinkError as exc:
-            out.append(exc.as_dict())
-print(json.dumps(out))
-"""
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="switching to another uid needs root (run as root)")
-
-
-def as_user(user: str, d: DaemonProcess, calls: list[tuple[str, dict[str, Any]]],
-            groups: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Run ``calls`` from a child process that setuid()s to ``user`` (and its group)."""
-    proc = subprocess.run([sys.executable, "-c", _AS_USER, str(d.socket), json.dumps(calls),
-                           json.dumps(credentials(user, groups))],
-                          capture_output=True, text=True, timeout=30, cwd="/")
-    assert proc.returncode == 0, proc.stderr
-    result: list[dict[str, Any]] = json.loads(proc.stdout)
-    return result
-
-
-def credentials(user: str, groups: tuple[str, ...] = ()) -> tuple[int, int, list[int]]:
-    """(uid, gid, supplementary gids) of ``user`` plus the named extra groups."""
-    entry = pwd.getpwnam(user)
-    return entry.pw_uid, entry.pw_gid, [grp.getgrnam(g).gr_gid for g in groups]
-
-
-def shared_socket(d: DaemonProcess) -> None:
-    """Let other users reach the socket: its directory 0755 (the file stays 0660)."""
-    os.chmod(d.socket.parent, 0o755)
-
-
-def denied(method: str) -> dict[str, Any]:
-    return {"error": f"{UPDATER}.NotAuthorized", "parameters": {"method": f"{UPDATER}.{method}"}}
-
 
 @needs_root
 def test_authorisation_by_peer_uid(env: Env) -> None:
@@ -449,7 +310,7 @@ except PermissionError as exc:
 def test_socket_group_not_allowed_is_a_clear_error(tmp_path: Path) -> None:
     """A process that may not give the socket to its group (chown EPERM) gets an error
     naming the socket (not the temporary file chown saw) and leaves no file behind.
-    (The daemon never gets there: ``_usable_group`` falls back to its own group.)"""
+    (The daemon never gets there: ``socket_group_usable`` makes it keep its own group.)"""
     sockdir = Path(tempfile.mkdtemp(prefix="pdg", dir="/tmp"))
     try:
         os.chmod(sockdir, 0o777)

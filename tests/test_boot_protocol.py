@@ -18,7 +18,7 @@ import pytest
 
 from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess, state_of
-from test_api import Env, R, b, local_env
+from support.env import Env, R, b, local_env
 
 
 @pytest.fixture

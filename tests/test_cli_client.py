@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,41 +27,20 @@ from patchd.core.errors import (
 from patchd.varlink import ClientError as VarlinkClientError
 from patchd.varlink import ConnectFailed, ProtocolError
 from support.cli import run_patchd
-from support.daemon import DaemonProcess, state_of
-from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
-from test_api import Env, R, b, credentials, local_env, needs_root, nginx_env
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    """A host with a local (file://) repository and daemons to start."""
-    with local_env(tmp_path) as e:
-        yield e
-
-
-@pytest.fixture
-def http_env(tmp_path: Path, nginx_repo: NginxRepo) -> Iterator[Env]:  # noqa: F811
-    """The same with the repository on a real nginx (download rate limits apply)."""
-    with nginx_env(tmp_path, nginx_repo) as e:
-        yield e
-
-
-def patchd(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """``patchd ARGS --socket <the daemon's socket>``."""
-    return run_patchd(*args, "--socket", str(d.socket))
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    """The command failed with ``code`` and said why in one line, no traceback."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("patchd: "), proc.stderr
-    return lines[0]
+from support.daemon import state_of
+from support.env import (  # noqa: F401 (env_fixture, http_env_fixture: fixtures)
+    Env,
+    R,
+    b,
+    credentials,
+    env_fixture,
+    http_env_fixture,
+    needs_root,
+    ok,
+    one_line_error,
+    patchd,
+)
+from support.nginx import nginx_repo  # noqa: F401 (fixture)
 
 
 def test_status_readable_and_json(env: Env) -> None:

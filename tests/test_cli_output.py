@@ -11,7 +11,7 @@ import pytest
 
 from patchd.cli.main import build_parser
 from support.cli import run_patchd
-from test_api import Env, local_env
+from support.env import Env, local_env
 
 
 def subcommands(parser: argparse.ArgumentParser, prefix: str = "patchd"

@@ -21,7 +21,7 @@ import pytest
 from patchd.service.interface import INTERFACE_NAME
 from patchd.varlink import VarlinkClient, VarlinkError
 from support.cli import run_patchd
-from test_api import Env, R, b, local_env
+from support.env import Env, R, b, local_env
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                 reason="a private mount namespace needs root and unshare")

@@ -10,12 +10,8 @@ import copy
 import json
 import os
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from patchd.state import (
     Accepted,
@@ -30,43 +26,24 @@ from patchd.state import (
     write_hold,
 )
 from patchd.varlink import VarlinkError
-from support.cli import run_patchd
 from support.daemon import DaemonProcess, Publisher, state_of
-from support.nginx import NginxRepo, nginx_repo  # noqa: F401 (fixture)
-from test_api import Env, R, as_user, b, denied, local_env, needs_root, nginx_env, shared_socket
-
-UPDATER = "io.patchd.Updater"
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    """A host with a local (file://) repository for channel ``stable``."""
-    with local_env(tmp_path) as e:
-        yield e
-
-
-@pytest.fixture
-def http_env(tmp_path: Path, nginx_repo: NginxRepo) -> Iterator[Env]:  # noqa: F811
-    """The same on a real nginx, where ``max_download_rate`` slows a download down."""
-    with nginx_env(tmp_path, nginx_repo) as e:
-        yield e
-
-
-def patchd(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """``patchd ARGS --socket <the daemon's socket>``."""
-    return run_patchd(*args, "--socket", str(d.socket))
-
-
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
-    return proc.stdout
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("patchd: "), proc.stderr
-    return lines[0].removeprefix("patchd: ")
+from support.env import (  # noqa: F401 (env_fixture, http_env_fixture: fixtures)
+    UPDATER,
+    Env,
+    R,
+    as_user,
+    b,
+    denied,
+    env_fixture,
+    http_env_fixture,
+    needs_root,
+    ok,
+    one_line_error,
+    patchd,
+    shared_socket,
+)
+from support.hostile import log_events
+from support.nginx import nginx_repo  # noqa: F401 (fixture)
 
 
 def refused(d: DaemonProcess, method: str, params: dict[str, Any] | None = None
@@ -88,26 +65,9 @@ def events(d: DaemonProcess) -> list[dict[str, Any]]:
     return list(doc["events"])
 
 
-def log_records(d: DaemonProcess) -> list[dict[str, Any]]:
-    """The daemon's JSON log records."""
-    out = []
-    for line in d.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
-
-
-def log_events(d: DaemonProcess, name: str) -> list[dict[str, Any]]:
-    return [r for r in log_records(d) if r.get("event") == name]
-
-
 def no_errors_logged(d: DaemonProcess) -> None:
     """A normal flow: nothing at error level or above in the daemon's log."""
-    bad = [r for r in log_records(d) if r.get("level") in ("error", "critical")]
+    bad = [r for r in log_events(d) if r.get("level") in ("error", "critical")]
     assert not bad, bad
 
 
@@ -321,9 +281,9 @@ def test_unmark_lifts_a_tombstone_for_admins_only(env: Env) -> None:
     d.wait_status(lambda s: s["next_boot"] == b(1) and state_of(s, R, 1) == "installed",
                   "patch 1 installed again")
     assert one_line_error(patchd(d, "unmark", f"{R}+1")) == (
-        "1.4.0+1 is not marked bad (it is installed); there is no tombstone to lift")
+        "patchd: 1.4.0+1 is not marked bad (it is installed); there is no tombstone to lift")
     assert one_line_error(patchd(d, "unmark", f"{R}+9")) == (
-        "1.4.0+9 is not marked bad (this host has no state for it); "
+        "patchd: 1.4.0+9 is not marked bad (this host has no state for it); "
         "there is no tombstone to lift")
     no_errors_logged(d)
 
@@ -341,7 +301,7 @@ def test_installing_an_older_build_needs_hold_and_the_hold_keeps_it(env: Env) ->
     assert d.status()["next_boot"] == b(3)
     bundle = str(env.patch(2))
     assert one_line_error(patchd(d, "install", bundle)) == (
-        "refused: 1.4.0+2 is older than 1.4.0+3, which this host would go back to at its "
+        "patchd: refused: 1.4.0+2 is older than 1.4.0+3, which this host would go back to at its "
         "next check; install with --hold to keep it on 1.4.0+2")
     status = d.status()
     assert status["next_boot"] == b(3) and state_of(status, R, 2) is None

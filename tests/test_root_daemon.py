@@ -10,7 +10,6 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,24 +18,13 @@ from patchd.publisher.signer import CommandSigner
 from patchd.trust.signing import generate_key, load_private_key, sign_document
 from patchd.varlink import VarlinkError
 from support.daemon import DaemonProcess, Publisher, state_of, write_tree
+from support.hostile import log_events
 from support.nginx import NGINX, run_nginx
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx not installed")]
 
 SIGN_CMD = Path(__file__).parent / "support" / "sign_cmd.py"
-
-
-def log_records(d: DaemonProcess) -> list[dict[str, Any]]:
-    out = []
-    for line in d.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def replace_manifest(repo: Path, data: bytes) -> None:
@@ -53,7 +41,7 @@ def refused_check(d: DaemonProcess, error_class: str) -> None:
     with pytest.raises(VarlinkError) as info:
         d.call("CheckNow")
     assert error_class in json.dumps(info.value.parameters) or error_class in d.log()
-    assert any(r.get("error_class") == error_class for r in log_records(d))
+    assert any(r.get("error_class") == error_class for r in log_events(d))
 
 
 def test_daemon_follows_rotation_and_refuses_revoked_key_and_freeze(tmp_path: Path) -> None:
@@ -115,7 +103,7 @@ def test_daemon_follows_rotation_and_refuses_revoked_key_and_freeze(tmp_path: Pa
             d.wait_log("config.reloaded")
             d.check_and_wait()
             assert d.log().count("http.client_built") == 1  # reused across the reload
-            assert not [r for r in log_records(d) if r.get("level") == "error"]
+            assert not [r for r in log_events(d) if r.get("level") == "error"]
 
             # A thief of the old updates key signs a newer manifest: revoked.
             doc = json.loads((repo_dir / "manifest.json").read_bytes())

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from support.daemon import DaemonProcess
+from support.env import Env, R, b, local_env
 from support.hostile import log_events
 from support.inotify import OpenCounter
-from test_api import Env, R, b, local_env
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching uids needs root")
 pytestmark = [needs_root, pytest.mark.timeout(180)]

@@ -34,16 +34,19 @@ NGINX = os.environ.get("PATCHD_NGINX", "/usr/sbin/nginx")
 
 _LOG_RE = re.compile(r'^(\S+) (\S+) (\d+) (\d+) "([^"]*)" "([^"]*)" "([^"]*)"(?: (\d+))?$')
 
+#: The access log's format, quoted for nginx: what :meth:`NginxRepo.requests` parses.
+LOG_FORMAT = ("'$request_method $uri $status $body_bytes_sent "
+              '"$http_range" "$http_if_range" "$http_if_none_match" $connection\'')
+
 _CONF = """\
 {user}worker_processes 1;
 daemon off;
 pid {work}/nginx.pid;
 error_log {work}/error.log warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     default_type application/octet-stream;
-    log_format patchd '$request_method $uri $status $body_bytes_sent '
-                      '"$http_range" "$http_if_range" "$http_if_none_match" $connection';
+    log_format patchd {log_format};
     access_log {work}/access.log patchd;
     client_body_temp_path {work}/tmp/body;
     proxy_temp_path {work}/tmp/proxy;
@@ -179,8 +182,17 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) ->
 
 @contextlib.contextmanager
 def run_nginx(root: Path, work: Path, tls: NginxTls | None = None,
-              location: str = "") -> Iterator[NginxRepo]:
-    """Start nginx serving ``root`` with its files under ``work``; stop it after."""
+              location: str = "", *, prefix: list[str] | None = None,
+              log_format: str = LOG_FORMAT,
+              worker_connections: int = 256) -> Iterator[NginxRepo]:
+    """Start nginx serving ``root`` with its files under ``work``; stop it after.
+
+    For bench/: ``prefix`` goes before the nginx command (e.g. ``nice -n 19``, so the
+    server does not compete with what is measured), ``log_format`` replaces the access
+    log's format (nginx syntax, quoted; :meth:`NginxRepo.requests` then cannot parse
+    the log and the caller reads ``access_log`` itself) and ``worker_connections``
+    makes room for a fleet of daemons.
+    """
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     for _attempt in range(5):  # a free port may be taken between probe and bind
         port = _free_port()
@@ -189,10 +201,13 @@ def run_nginx(root: Path, work: Path, tls: NginxTls | None = None,
         user = "user root;\n" if os.geteuid() == 0 else ""
         conf.write_text(_CONF.format(user=user, work=work, root=root.resolve(), port=port,
                                      ssl=" ssl" if tls else "",
-                                     tls=tls.directives() if tls else "", location=location))
+                                     tls=tls.directives() if tls else "", location=location,
+                                     log_format=log_format,
+                                     worker_connections=worker_connections))
         (work / "access.log").touch()
         proc = subprocess.Popen(
-            [NGINX, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)],
+            [*(prefix or []), NGINX, "-p", str(work), "-e", str(work / "error.log"),
+             "-c", str(conf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         if _wait_listening(proc, port, timeout=10.0):

@@ -22,7 +22,7 @@ from patchd.state.recovery import read_release
 if TYPE_CHECKING:
     from patchd.config import Config
 
-__all__ = ["Finding", "preflight", "raise_errors"]
+__all__ = ["Finding", "preflight", "raise_errors", "socket_group_usable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +34,13 @@ class Finding:
     message: str
 
 
-def _group_usable(name: str) -> bool | None:
-    """None: no such group; False: the daemon may not give the socket to it."""
+def socket_group_usable(name: str) -> bool | None:
+    """None: no such group; False: the daemon may not give the socket to it.
+
+    One judgement for both sides of start-up: :func:`preflight` warns with it and
+    ``service.api.serve_api`` falls back to the daemon's own group with it, so the
+    warning names exactly the groups the socket will not get.
+    """
     try:
         gid = grp.getgrnam(name).gr_gid
     except KeyError:
@@ -64,7 +69,7 @@ def preflight(config: Config) -> list[Finding]:
         except ConfigError as exc:
             found.append(Finding("error", "app.release_dir", str(exc)))
     group = config.api.socket_group
-    usable = _group_usable(group)
+    usable = socket_group_usable(group)
     if not usable:
         # Not fatal (docs/install.md): the socket keeps the daemon's group, so root and
         # the daemon's user still reach it, but the app's users do not.

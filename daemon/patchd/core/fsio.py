@@ -274,24 +274,25 @@ def _unlink_files(fd: int) -> list[str]:
         if is_dir:
             subdirs.append(name)
             continue
-        try:
-            os.unlink(name, dir_fd=fd)
-        except FileNotFoundError:
-            pass
-        except PermissionError:
-            _make_owner_rwx(fd)
-            os.unlink(name, dir_fd=fd)
+        _remove_entry(os.unlink, fd, name)
     return subdirs
 
 
 def _rmdir(dir_fd: int, name: str) -> None:
+    _remove_entry(os.rmdir, dir_fd, name)
+
+
+def _remove_entry(remove: Callable[..., None], dir_fd: int, name: str) -> None:
+    """``remove(name, dir_fd=dir_fd)`` (``os.unlink`` or ``os.rmdir``) as every removal
+    of a tree does it: an entry already gone is fine, and a directory that refuses us
+    is made writable and asked once more (we own it and are removing it)."""
     try:
-        os.rmdir(name, dir_fd=dir_fd)
+        remove(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except PermissionError:
         _make_owner_rwx(dir_fd)
-        os.rmdir(name, dir_fd=dir_fd)
+        remove(name, dir_fd=dir_fd)
 
 
 def remove_at(dir_fd: int, name: str) -> None:
@@ -306,13 +307,7 @@ def remove_at(dir_fd: int, name: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        except PermissionError:
-            _make_owner_rwx(dir_fd)
-            os.unlink(name, dir_fd=dir_fd)
+        _remove_entry(os.unlink, dir_fd, name)
         return
     fd = open_subdir(dir_fd, name, force=True)
     if fd is None:

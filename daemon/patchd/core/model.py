@@ -23,6 +23,15 @@ def is_valid_release(text: object) -> bool:
     return isinstance(text, str) and bool(_RELEASE_RE.match(text)) and text not in (".", "..")
 
 
+def version_line(data: bytes) -> str:
+    """The release a ``VERSION`` file's bytes name: its first line, stripped ("" when
+    there is none). The host (``state.recovery.read_release``) and the publisher
+    (``publisher.checks.tree_version``) both read it so: a tree the publisher accepts
+    names the release a host will read from it."""
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def is_valid_arch(text: object) -> bool:
     """An architecture names a bundle in the manifest and in its header: a short token."""
     return isinstance(text, str) and bool(_ARCH_RE.match(text))

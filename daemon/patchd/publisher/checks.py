@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from patchd.core.errors import UsageError
-from patchd.core.model import is_valid_arch, is_valid_name, is_valid_release
+from patchd.core.model import is_valid_arch, is_valid_name, is_valid_release, version_line
 
 #: A VERSION file is one short line; more than this is not one.
 MAX_VERSION_BYTES = 4096
@@ -25,28 +25,30 @@ _NAME_RULE = ("lowercase letters, digits, '.', '_' or '-', starting with a lette
               "at most 64 characters")
 
 
+def _checked(value: str, valid: bool, flag: str, what: str, rule: str) -> str:
+    """``value`` when ``valid``; else the one message shape of every token check: the
+    flag, the value (cut to 80 characters), what it should be and the rule."""
+    if not valid:
+        raise UsageError(f"{flag} {value[:80]!r} is not a valid {what}: {rule}")
+    return value
+
+
 def check_name(value: str, flag: str, what: str) -> str:
     """``--app`` / ``--channel``: the rule of ``[app] name`` and ``[server] channel``."""
-    if not is_valid_name(value):
-        raise UsageError(f"{flag} {value[:80]!r} is not a valid {what} name: use {_NAME_RULE} "
-                         "(hosts' configs refuse anything else)")
-    return value
+    return _checked(value, is_valid_name(value), flag, f"{what} name",
+                    f"use {_NAME_RULE} (hosts' configs refuse anything else)")
 
 
 def check_release(value: str, flag: str = "--release") -> str:
-    if not is_valid_release(value):
-        raise UsageError(f"{flag} {value[:80]!r} is not a valid release name: letters, digits, "
-                         "'.', '_', '+', '~' or '-', starting with a letter or digit, at "
-                         "most 128 characters")
-    return value
+    return _checked(value, is_valid_release(value), flag, "release name",
+                    "letters, digits, '.', '_', '+', '~' or '-', starting with a letter or "
+                    "digit, at most 128 characters")
 
 
 def check_arch(value: str, flag: str = "--arch") -> str:
-    if not is_valid_arch(value):
-        raise UsageError(f"{flag} {value[:80]!r} is not a valid arch: letters, digits, '.', '_' "
-                         "or '-', starting with a letter or digit, at most 64 characters (e.g. "
-                         "x86_64, aarch64, any)")
-    return value
+    return _checked(value, is_valid_arch(value), flag, "arch",
+                    "letters, digits, '.', '_' or '-', starting with a letter or digit, at "
+                    "most 64 characters (e.g. x86_64, aarch64, any)")
 
 
 def tree_version(tree: Path, flag: str) -> str:
@@ -67,8 +69,7 @@ def tree_version(tree: Path, flag: str) -> str:
         data = os.read(fd, MAX_VERSION_BYTES)
     finally:
         os.close(fd)
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    first = lines[0].strip() if lines else ""
+    first = version_line(data)
     if not first:
         raise UsageError(f"{path} is empty; its first line must name the release")
     if not is_valid_release(first):

@@ -15,7 +15,6 @@ host can always report boots as root.
 from __future__ import annotations
 
 import functools
-import grp
 import os
 import pwd
 import resource
@@ -28,6 +27,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from patchd import __version__
+from patchd.config.preflight import socket_group_usable
 from patchd.core.error_table import INTERNAL_ERROR, to_socket_error
 from patchd.core.errors import (
     NotAuthorized,
@@ -311,7 +311,8 @@ async def serve_api(ops: Operations, *,
     service.add_interface(INTERFACE_NAME, INTERFACE_TEXT, api.methods(), requires_more=())
     cfg = ops.config
     cfg.paths.socket.parent.mkdir(parents=True, exist_ok=True)
-    group = cfg.api.socket_group if _usable_group(cfg.api.socket_group) else None
+    # The judgement preflight warned with at start; None and False both fall back.
+    group = cfg.api.socket_group if socket_group_usable(cfg.api.socket_group) else None
     if group is None:
         log.warning("api.socket_group_unusable", group=cfg.api.socket_group,
                     effect="socket keeps the daemon's group",
@@ -336,12 +337,3 @@ def socket_limits() -> Limits:
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     room = soft - 128 if soft != resource.RLIM_INFINITY else 1024
     return Limits(max_connections=max(64, min(1024, room)))
-
-
-def _usable_group(name: str) -> bool:
-    """The group exists and we may give the socket to it (root, or we are a member)."""
-    try:
-        gid = grp.getgrnam(name).gr_gid
-    except KeyError:
-        return False
-    return os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups()

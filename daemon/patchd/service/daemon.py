@@ -421,7 +421,12 @@ def _build_info(build: Build, state: Any) -> dict[str, Any]:
 
 def _socket_problems(config: Config) -> list[str]:
     """Whether the socket went to ``api.socket_group``; if not, the app's user gets
-    "permission denied" though the daemon runs (service/api.py logs the fix)."""
+    "permission denied" though the daemon runs (service/api.py logs the fix).
+
+    This reads the group the socket file really has rather than asking
+    ``config.preflight.socket_group_usable`` again: that predicts the chown, this
+    reports its outcome (a setgid directory can give the socket the group anyway), and
+    STATUS= should say what apps will meet."""
     want = config.api.socket_group
     try:
         gid = grp.getgrnam(want).gr_gid

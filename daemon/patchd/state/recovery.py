@@ -36,6 +36,7 @@ from patchd.core.model import (
     Installed,
     is_valid_release,
     release_key,
+    version_line,
 )
 from patchd.state import store
 from patchd.state.layout import SET_ASIDE_DIR, STATE_FILE, TREE_DIR, Layout
@@ -96,8 +97,7 @@ def read_release(release_dir: Path) -> str:
                           f"({exc.strerror or exc}); check app.release_dir") from exc
     if len(data) >= MAX_VERSION_BYTES and b"\n" not in data:
         raise ConfigError(f"{path}: the first line is longer than {MAX_VERSION_BYTES} bytes")
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    first = lines[0].strip() if lines else ""
+    first = version_line(data)
     if not first:
         raise ConfigError(f"{path}: empty; its first line must name the release")
     if not is_valid_release(first):
