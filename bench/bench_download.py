@@ -15,7 +15,10 @@ fresh process; the figures are medians of three:
    ``CheckNow`` over its varlink socket, timed until its JSON log says
    ``lifecycle.download_complete`` (the bundle verified; the log is read every 2 ms).
    It is killed then: the install that follows is not measured;
-5. with ``--before DIR``: patchd from another source tree (``DIR/daemon``), e.g. the
+5. the machine's floors: ``size`` bytes written from memory and fsynced (the disk's
+   durable-write ceiling: a download with fsync cannot beat it), and hashed from
+   memory (the SHA-256 every download pays);
+6. with ``--before DIR``: patchd from another source tree (``DIR/daemon``), e.g. the
    commit before a change, for a before/after table from the same run.
 
 CPU seconds per GiB: the child's own CPU time (every thread, user + system) over the
@@ -70,6 +73,9 @@ from urllib.parse import urlsplit  # noqa: E402
 if TYPE_CHECKING:
     from daemon_run import PatchRepo
 
+#: The machine's floors, measured beside the contenders (see :func:`child_floor`).
+FLOOR_DISK = "disk write+fsync"
+FLOOR_SHA = "sha256 alone"
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 ROUNDS = 3
@@ -133,6 +139,29 @@ def child_tuf(base: str, work: str, dest: str) -> None:
 
 
 # --- parent --------------------------------------------------------------------------------
+
+
+def child_floor(kind: str, dest: str, size: int) -> None:
+    """The machine's floors, in a fresh process like the contenders: ``disk`` writes
+    ``size`` bytes from a 1 MiB buffer and fsyncs them (no download makes its bytes
+    durable faster); ``sha256`` hashes them from memory (the hash every download pays)."""
+    block = memoryview(os.urandom(MiB))
+    started, cpu = time.perf_counter(), time.process_time()
+    if kind == "disk":
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            left = size
+            while left:
+                left -= os.write(fd, block[:min(left, MiB)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        digest = hashlib.sha256()
+        for left in range(size, 0, -MiB):
+            digest.update(block[:min(left, MiB)])
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "vmhwm_kb": _vmhwm_kb()}))
 
 
 def make_tuf_repo(root: Path, bundle: Path) -> None:
@@ -287,6 +316,8 @@ def main() -> int:
         if kind == "patchd":
             url, dest, size, sha, offset = rest
             child_patchd(url, dest, int(size), sha, int(offset))
+        elif kind in ("disk", "sha256"):
+            child_floor(kind, rest[0], int(rest[1]))
         else:
             child_tuf(*rest)
         return 0
@@ -303,7 +334,8 @@ def main() -> int:
     before_path = str(Path(ns.before).resolve() / "daemon") if ns.before else None
     load_start = loadavg()
     runs: dict[str, list[dict[str, float]]] = {"patchd": [], "python-tuf": [], "pipeline": [],
-                                               "patchd run": []}
+                                               "patchd run": [], FLOOR_DISK: [],
+                                               FLOOR_SHA: []}
     if before_path:
         runs["patchd (before)"] = []
     with tempfile.TemporaryDirectory(prefix="patchd-bench-") as tmp:
@@ -331,6 +363,10 @@ def main() -> int:
                     elif name == "python-tuf":
                         runs[name].append(finish(run_child(["tuf", base, str(work),
                                                             str(out)]), name))
+                    elif name in (FLOOR_DISK, FLOOR_SHA):
+                        kind = "disk" if name == FLOOR_DISK else "sha256"
+                        runs[name].append(finish(run_child([kind, str(out), str(size)]),
+                                                 name))
                     elif name == "patchd run":
                         runs[name].append(daemon_download(work / f"daemon-{rnd}",
                                                           manifest_url, published))
@@ -360,6 +396,11 @@ def main() -> int:
           f"of it {check_cpu:.2f} CPU-s before download_started; "
           f"daemon peak RSS {daemon_rss:.1f} MiB")
     ratio = mib_s("patchd") / mib_s("python-tuf")
+    ceiling = mib_s(FLOOR_DISK)
+    print(f"the machine: its disk makes {ceiling:.0f} MiB/s durable (write + fsync), so "
+          f"patchd can reach at most {ceiling / mib_s('python-tuf'):.2f} × python-tuf "
+          f"(which does not fsync); patchd is at {mib_s('patchd') / ceiling:.0%} of that "
+          f"ceiling; SHA-256 alone costs {cpu_gib(FLOOR_SHA):.2f} CPU-s/GiB")
     rss_mib = max(r["vmhwm_kb"] for r in runs["patchd"]) / 1024
     print(f"patchd / python-tuf   {ratio:6.2f}       target ≥ 1.50")
     print(f"peak RSS (VmHWM)      {rss_mib:6.1f} MiB   target < 64")
@@ -382,6 +423,10 @@ def main() -> int:
              ratio=mib_s("patchd") / mib_s("patchd (before)"))
         emit("download.cpu_vs_before", cpu, "CPU-s/GiB", "(figure only)", True,
              baseline=cpu_gib("patchd (before)"), ratio=cpu / cpu_gib("patchd (before)"))
+    emit("download.vs_disk_ceiling", mib_s("patchd"), "MiB/s", "(figure: write+fsync)",
+         True, baseline=ceiling, ratio=mib_s("patchd") / ceiling)
+    emit("download.sha256_cpu_per_gib", cpu_gib(FLOOR_SHA), "CPU-s/GiB",
+         "(figure: the hash alone)", True, baseline=cpu, ratio=cpu_gib(FLOOR_SHA) / cpu)
     emit("download.peak_rss", rss_mib, "MiB", "< 64 MiB", rss_mib < 64)
     emit("download.refetched_after_kill", refetched / MiB, "MiB", "<= 4 MiB",
          refetched <= 4 * MiB)
