@@ -93,7 +93,14 @@ class World:
         return self.bundles[build]
 
     def publish(self, patch: int) -> None:
+        """Publish ``patch``. nginx's ETag is the manifest's size and its mtime in whole
+        seconds: a manifest of the same size as the last one (a rollback's), written in
+        the same second, would look unchanged (a 304), so its mtime moves past the last."""
+        manifest = self.publisher.repo / "manifest.json"
+        before = int(manifest.stat().st_mtime) if manifest.exists() else None
         self.publisher.publish(self.bundles[Build(RELEASE, patch)])
+        if before is not None and int(manifest.stat().st_mtime) <= before:
+            os.utime(manifest, (before + 1, before + 1))
 
     def daemon(self, name: str, extra: str = "", env: dict[str, str] | None = None,
                work: Path | None = None) -> DaemonProcess:

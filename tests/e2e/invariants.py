@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from patchd.build.verify import verify_tree
 from patchd.core.fsio import TEMP_PREFIX
 from patchd.core.model import Bad, Build, Downloaded, Downloading, Installed, State, state_from_json
 from patchd.state import Pointers
-from patchd.state.layout import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TREE_DIR
+from patchd.state.layout import DOWNLOAD_SUFFIX, STAGING_DIR, STATE_FILE, TRASH_PREFIX, TREE_DIR
 from support.daemon import DaemonProcess
 
 Listing = dict[str, tuple[Any, ...]]
@@ -136,8 +137,21 @@ def check_newest_installed(d: DaemonProcess, repo: Path, release: str,
 # --- (d) no leftovers --------------------------------------------------------------------
 
 
+def wait_trash_emptied(state_dir: Path, d: DaemonProcess | None, timeout: float = 30) -> None:
+    """A running daemon deletes what a transition dropped (``builds/.trash-*``) in its
+    worker thread just after the call returned: wait until that work is done."""
+    deadline = time.monotonic() + timeout
+    while trash := sorted((state_dir / "builds").glob(f"{TRASH_PREFIX}*")):
+        if time.monotonic() > deadline:
+            _fail(d, f"the daemon never emptied its trash: {trash}")
+        time.sleep(0.02)
+
+
 def check_no_leftovers(state_dir: Path, cache_dir: Path, d: DaemonProcess | None = None) -> None:
-    """(d) no temp files, staging trees, state-less build dirs or orphan downloads."""
+    """(d) no temp files, staging trees, state-less build dirs, trash or orphan downloads
+    (with a running daemon ``d``, once it has emptied its trash)."""
+    if d is not None:
+        wait_trash_emptied(state_dir, d)
     for top in (state_dir, cache_dir):
         for dirpath, dirnames, filenames in os.walk(top):
             for name in dirnames + filenames:
@@ -150,6 +164,8 @@ def check_no_leftovers(state_dir: Path, cache_dir: Path, d: DaemonProcess | None
     protected = {pointers.next_boot, pointers.last_booted, pointers.currently_booting}
     builds_dir = state_dir / "builds"
     for rel in sorted(os.listdir(builds_dir)) if builds_dir.is_dir() else []:
+        if rel.startswith(TRASH_PREFIX):
+            _fail(d, f"trash left {builds_dir / rel}")
         for patch in sorted(os.listdir(builds_dir / rel)):
             bdir = builds_dir / rel / patch
             build = Build(rel, int(patch))

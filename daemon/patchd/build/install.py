@@ -183,17 +183,21 @@ def _retire_existing_tree(lifecycle: Lifecycle, build: Build, final: Path) -> No
     """Clear the final place without deleting files under a running app.
 
     A tree already there is one a host may still run: a build the server rolled back
-    while it was booted, now rolled forward again. It is moved aside (open files stay
-    valid) and removed at once only when no host can be running it; otherwise the
-    next start-up sweep removes it.
+    while it was booted, now rolled forward again. Then it is moved aside in its build
+    directory (open files stay valid) and goes after the next successful boot or at the
+    next start-up. When no host can be running it, it goes to the lifecycle's trash
+    like every tree a transition drops: one rename now, the deletion by the trash's
+    owner (the daemon's worker thread), so this install does not wait for it.
     """
     if not os.path.lexists(final):
         return
-    p = lifecycle.pointers
-    aside = final.with_name(f"{OLD_TREE_PREFIX}{secrets.token_hex(4)}")
-    os.rename(final, aside)
-    if build not in (p.last_booted, p.currently_booting):
-        remove_tree(aside)
+    with lifecycle.lock:
+        p = lifecycle.pointers
+        in_use = build in (p.last_booted, p.currently_booting)
+    if in_use:
+        os.rename(final, final.with_name(f"{OLD_TREE_PREFIX}{secrets.token_hex(4)}"))
+    else:
+        lifecycle.discard(final)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from patchd.service.jobs import Job, JobRunner
 from patchd.service.metrics import Metrics, TextfileWriter, render
 from patchd.service.schedule import backoff_delay
 from patchd.service.supervise import supervised
+from patchd.service.trash import TrashCollector
 from patchd.service.updater import Updater
 from patchd.state import Lifecycle, load_client_state
 from patchd.trust import BundleHeader, Decision, read_header_unverified
@@ -65,6 +66,8 @@ class Daemon:
         self.board = ActivityBoard()
         self.lifecycle = Lifecycle.open(config.paths.state_dir, config.paths.cache_dir,
                                         config.app.release_dir)
+        #: Trees dropped by transitions are deleted in its worker thread, off the lock.
+        self.trash = TrashCollector(self.lifecycle.trash)
         client = load_client_state(self.lifecycle.layout, config.server.channel)
         self.updater: Updater
         self.events = EventQueue(self.lifecycle.layout.events, app=config.app.name,
@@ -228,7 +231,7 @@ class Daemon:
 
     async def unmark(self, build: Build) -> None:
         """``Unmark``: lift the build's tombstone (the lifecycle logs and queues it)."""
-        await anyio.to_thread.run_sync(self.lifecycle.unmark, build)  # may remove a tree
+        await anyio.to_thread.run_sync(self.lifecycle.unmark, build)  # waits for the lock
         self.wake_events()
 
     # --- running -------------------------------------------------------------------
@@ -240,6 +243,7 @@ class Daemon:
             self.runner.attach(tg)
             self.boot.attach(tg)
             tg.start_soon(supervised, "signals", partial(self._signals, tg))
+            tg.start_soon(supervised, "trash", self.trash.run)
             await tg.start(serve_api, self)
             self.problems = _socket_problems(self.config)
             await self.boot.resume()
@@ -277,6 +281,7 @@ class Daemon:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.source.aclose()
             await self.http.aclose()
+        self.trash.close()
         self.lifecycle.close()
         log.info("daemon.stopped")
 

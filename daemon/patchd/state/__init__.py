@@ -17,7 +17,8 @@ are tested without a state directory.
 
 Modules: ``layout`` (paths), ``pointers`` (``pointers.json`` and the pure decisions),
 ``store`` (one file read or written), ``view`` (the queries), ``lifecycle`` (the
-transitions), ``recovery`` (start-up), ``client_state`` (``client.json``), ``hold``
+transitions), ``trash`` (what transitions drop, deleted outside the lock),
+``recovery`` (start-up), ``client_state`` (``client.json``), ``hold``
 (``hold.json``). The model
 types (``Build``, the states, ``BadReason``) live in :mod:`patchd.core.model`.
 """
@@ -41,6 +42,7 @@ from patchd.state.lifecycle import (
     ValidityCheck,
 )
 from patchd.state.pointers import Action, Decision, Pointers, choose_next_boot, decide_download
+from patchd.state.trash import Trash
 from patchd.state.view import LifecycleView
 
 __all__ = [
@@ -60,6 +62,7 @@ __all__ = [
     "Lifecycle",
     "LifecycleView",
     "Pointers",
+    "Trash",
     "ValidityCheck",
     "accepted",
     "choose_next_boot",

@@ -16,6 +16,7 @@ it. The tree it describes::
       builds/R/N/tree/               its installed tree
       builds/R/N/.staging-tree/      the installer's work in progress
       builds/R/N/.patchd-tmp-old-tree-*  a tree moved aside by a reinstall
+      builds/.trash-*                a tree or build directory being deleted (state/trash.py)
       set-aside/                     what start-up repair could not remove (never read)
     cache_dir/downloads/
       R-N.patchd                     a partial or complete download
@@ -50,6 +51,7 @@ __all__ = [
     "SET_ASIDE_DIR",
     "STAGING_DIR",
     "STATE_FILE",
+    "TRASH_PREFIX",
     "TREE_DIR",
     "DownloadFiles",
     "Layout",
@@ -68,6 +70,9 @@ TREE_DIR = "tree"
 STAGING_DIR = ".staging-tree"
 #: A build's tree moved aside by a reinstall while a host may still run it.
 OLD_TREE_PREFIX = TEMP_PREFIX + "old-tree-"
+#: In ``builds/``: what a transition dropped, deleted outside the lifecycle's lock. Not a
+#: release name, so the start-up sweep deletes whatever a crash left of it.
+TRASH_PREFIX = ".trash-"
 DOWNLOADS_DIR = "downloads"
 #: Where start-up repair moves what it could not remove (a mount point, an unlistable
 #: directory, a directory where a state file belongs); nothing reads it again.

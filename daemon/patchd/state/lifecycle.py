@@ -5,7 +5,9 @@ Every change to what is on disk about builds goes through a named transition of
 do (``decide_start``) and reports what it did (``record_*``). Decisions that need no I/O
 are pure functions in ``pointers.py``, one file is read or written by ``store.py``, and
 ``recovery.py`` opens the store and repairs what a crash left: the writes inside a
-transition are ordered so that any prefix of them is a state it repairs.
+transition are ordered so that any prefix of them is a state it repairs. A tree or build
+directory a transition drops is only renamed into the trash (``trash.py``): deleting it
+takes seconds, and that must not happen under the lock (see :meth:`Lifecycle._unlocked`).
 
 Two bases exist: the OS release ``(os_release, 0)`` whose tree is ``release_dir`` and
 which can never be tombstoned (nothing lies below it), and ``(pointers.release, 0)``
@@ -22,7 +24,6 @@ from types import TracebackType
 
 import structlog
 
-from patchd.core import fsio
 from patchd.core.durable import make_dirs
 from patchd.core.errors import (
     IllegalTransition,
@@ -52,6 +53,7 @@ from patchd.state.pointers import (
     decide_download,
 )
 from patchd.state.store import FAILPOINTS, WRITE_SITES
+from patchd.state.trash import Trash
 from patchd.state.view import LifecycleView, locked
 
 __all__ = ["FAILPOINTS", "MAX_INSTALL_ATTEMPTS", "WRITE_SITES", "AliveCheck", "EventHook",
@@ -85,6 +87,8 @@ class Lifecycle(LifecycleView):
         #: installer's; a boot success must not clear it between the rename of the
         #: staging tree and ``record_install_complete``.
         self._installing: set[Build] = set()
+        #: What transitions drop goes here, to be deleted outside the lock (trash.py).
+        self.trash = Trash(layout.builds)
 
     # --- opening and closing ---
 
@@ -235,7 +239,7 @@ class Lifecycle(LifecycleView):
         self._write_state(build, Installed(size, dict(files)), "install_complete")
         self._installing.discard(build)
         store.remove_download(self.download_files(build))
-        fsio.remove_tree(self.layout.staging(build))
+        self.trash.move(self.layout.staging(build))
         log.info("lifecycle.installed", build=str(build), size=size, files=len(files))
 
     @locked
@@ -300,7 +304,8 @@ class Lifecycle(LifecycleView):
                 continue
             if isinstance(state, Bad) or other.sort_key() < booted.sort_key():
                 self.cleanup(other)
-        store.remove_unprotected_trees(self.layout, self._protected(), self._installing)
+        store.remove_unprotected_trees(self.layout, self.trash, self._protected(),
+                                       self._installing)
         return booted
 
     @locked
@@ -315,7 +320,7 @@ class Lifecycle(LifecycleView):
         self._write_pointers(self._pointers.without_breadcrumb(), "boot_failure.pointers")
         self.recompute_next_boot()
         self._emit("boot_failure", failed, f"{reason.value}: {detail}")
-        store.remove_build_files(self.layout, failed, keep_tree=True)
+        store.remove_build_files(self.layout, self.trash, failed, keep_tree=True)
         return failed
 
     @locked
@@ -379,7 +384,8 @@ class Lifecycle(LifecycleView):
         """
         self._tombstone(build, reason, detail, "mark_bad", sha256)
         self.recompute_next_boot()
-        store.remove_build_files(self.layout, build, keep_tree=build in self._protected())
+        store.remove_build_files(self.layout, self.trash, build,
+                                 keep_tree=build in self._protected())
 
     @locked
     def cleanup(self, build: Build) -> None:
@@ -390,7 +396,7 @@ class Lifecycle(LifecycleView):
         if not isinstance(self.state(build), Bad):
             self._forget(build)
         else:  # a tombstone's tree, if any, was kept for a host: it goes at the next boot
-            store.remove_build_files(self.layout, build, keep_tree=True)
+            store.remove_build_files(self.layout, self.trash, build, keep_tree=True)
 
     @locked
     def forget_rolled_back(self, build: Build) -> None:
@@ -427,7 +433,18 @@ class Lifecycle(LifecycleView):
                                     f"{state.reason.value}: {state.detail})")
         return state
 
+    @locked
+    def discard(self, path: Path) -> None:
+        """Drop a tree the lifecycle no longer needs (the installer's moved-aside tree):
+        moved to the trash at once, deleted outside the lock (see trash.py)."""
+        self.trash.move(path)
+
     # --- internals ---
+
+    def _unlocked(self) -> None:
+        """The outermost locked call returned: without an owner, delete the trash now."""
+        if not self.trash.owned:
+            self.trash.empty()
 
     def _tombstone(self, build: Build, reason: BadReason, detail: str, site: str,
                    sha256: str | None = None) -> None:
@@ -449,9 +466,11 @@ class Lifecycle(LifecycleView):
         if build == self._pointers.next_boot:
             self.recompute_next_boot()
         keep = build in self._protected()
-        store.remove_build_files(self.layout, build, keep_tree=keep)
-        if not keep:
-            fsio.remove_tree(self.layout.build_dir(build))
+        if keep:
+            store.remove_build_files(self.layout, self.trash, build, keep_tree=True)
+        else:  # the whole directory in one rename
+            store.remove_download(self.download_files(build))
+            self.trash.move(self.layout.build_dir(build))
             store.remove_empty_release(self.layout, build.release)
         log.info("lifecycle.forgotten", build=str(build), tree_kept=keep)
 

@@ -183,7 +183,8 @@ def _release_change(layout: Layout, os_release: str, last_seen: str | None) -> P
 def _sweep(layout: Layout, protected: set[Build]) -> None:
     """Remove what an interrupted transition left: temp files, staging trees, trees
     of builds that are not installed, state-less build directories, orphan
-    downloads and anything not named like ours under ``builds/`` and ``downloads/``.
+    downloads and anything not named like ours under ``builds/`` and ``downloads/``
+    (the trash, ``builds/.trash-*``, that a crash or a stop left before it was emptied).
     A directory that cannot be repaired is set aside (:func:`_set_aside`).
     """
     for entry in store.listdir(layout.state_dir):

@@ -1,7 +1,8 @@
 """The records under a :class:`~patchd.state.layout.Layout`, one file at a time.
 
 Reading ``state.json`` and ``pointers.json``, writing them, pointing ``current`` and
-removing a build's files. Nothing here decides what to write, when, or which builds
+removing a build's files (its directories into the lifecycle's ``trash.py``, so that no
+transition deletes a tree under the lock). Nothing here decides what to write, when, or which builds
 must keep their tree: that is the lifecycle's (``lifecycle.py`` for the transitions,
 ``recovery.py`` at start-up), and only those two modules call this one.
 
@@ -25,6 +26,7 @@ from patchd.core.model import Build, Installed, State, is_valid_release, state_f
 from patchd.host.process import failpoint
 from patchd.state.layout import OLD_TREE_PREFIX, STATE_FILE, TREE_DIR, DownloadFiles, Layout
 from patchd.state.pointers import Pointers
+from patchd.state.trash import Trash
 
 log = structlog.get_logger("patchd.state.store")
 
@@ -163,15 +165,16 @@ def remove_download(files: DownloadFiles) -> None:
         fsio.remove_tree(path)
 
 
-def remove_build_files(layout: Layout, build: Build, *, keep_tree: bool) -> None:
+def remove_build_files(layout: Layout, trash: Trash, build: Build, *,
+                       keep_tree: bool) -> None:
     """The build's download and everything in ``builds/R/N`` but its state (and its
-    tree when ``keep_tree``)."""
+    tree when ``keep_tree``); directories go to the ``trash``."""
     remove_download(layout.download(build))
     bdir = layout.build_dir(build)
     for entry in listdir(bdir):
         if entry == STATE_FILE or (keep_tree and entry == TREE_DIR):
             continue
-        fsio.remove_tree(bdir / entry)
+        trash.move(bdir / entry)
 
 
 def remove_empty_release(layout: Layout, release: str) -> None:
@@ -181,16 +184,19 @@ def remove_empty_release(layout: Layout, release: str) -> None:
             rel_dir.rmdir()
 
 
-def remove_unprotected_trees(layout: Layout, protected: set[Build],
+def remove_unprotected_trees(layout: Layout, trash: Trash, protected: set[Build],
                              installing: set[Build]) -> None:
-    """After a boot, trees kept only because a host might run them can go: those of
-    builds no longer protected that are not installed (forgotten, bad, or being
-    downloaded again after a rollback), and old trees a reinstall moved aside (the
-    host has just booted the tree that replaced them). The directory of a build being
-    ``installing`` is the installer's: its new tree is in place but not yet recorded."""
+    """After a boot, trees kept only because a host might run them can go (to the
+    ``trash``): those of builds no longer protected that are not installed (forgotten,
+    bad, or being downloaded again after a rollback), and old trees a reinstall moved
+    aside (the host has just booted the tree that replaced them). The directory of a
+    build being ``installing`` is the installer's: its new tree is in place but not yet
+    recorded. Names that are not releases (the trash itself) are not looked into."""
     for rel in listdir(layout.builds):
+        if not is_valid_release(rel):
+            continue
         for patch in listdir(layout.release_dir(rel)):
-            if not is_patch_name(patch) or not is_valid_release(rel):
+            if not is_patch_name(patch):
                 continue
             build = Build(rel, int(patch))
             if build in installing:
@@ -198,12 +204,9 @@ def remove_unprotected_trees(layout: Layout, protected: set[Build],
             bdir = layout.build_dir(build)
             for entry in listdir(bdir):
                 if entry.startswith(OLD_TREE_PREFIX):
-                    fsio.remove_tree(bdir / entry)
+                    trash.move(bdir / entry)
             state = read_state(layout, build)
             if build in protected or isinstance(state, Installed):
                 continue
-            if state is None:
-                fsio.remove_tree(bdir)
-            else:
-                fsio.remove_tree(layout.tree(build))
+            trash.move(bdir if state is None else layout.tree(build))
         remove_empty_release(layout, rel)

@@ -25,12 +25,24 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def locked(method: _F) -> _F:
-    """Run a method under the store's lock (see ``LifecycleView.lock``)."""
+    """Run a method under the store's lock (see ``LifecycleView.lock``); once the
+    outermost such call of a thread has released it, :meth:`LifecycleView._unlocked`
+    runs (the lifecycle deletes its trash there, outside the lock)."""
 
     @functools.wraps(method)
     def wrapper(self: LifecycleView, *args: Any, **kwargs: Any) -> Any:
-        with self.lock:
-            return method(self, *args, **kwargs)
+        outermost = False
+        try:
+            with self.lock:
+                self._depth += 1  # only the thread holding the lock changes it
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    self._depth -= 1
+                    outermost = self._depth == 0
+        finally:
+            if outermost:
+                self._unlocked()
 
     return cast(_F, wrapper)
 
@@ -47,6 +59,8 @@ class LifecycleView:
         #: Transitions run from the event loop and from the installer's worker thread;
         #: each takes this (reentrant) lock so read-modify-write of pointers never races.
         self.lock = threading.RLock()
+        #: How deep the thread holding ``lock`` is in ``@locked`` calls.
+        self._depth = 0
 
     def __repr__(self) -> str:
         p = self._pointers
@@ -116,6 +130,9 @@ class LifecycleView:
         that hangs across a daemon restart still times out on schedule.
         """
         return boot_elapsed(self._pointers, now)
+
+    def _unlocked(self) -> None:
+        """After the outermost ``@locked`` call; reading leaves nothing to do."""
 
     # --- the rules the transitions share ---
 
