@@ -11,9 +11,9 @@ import pytest
 
 from patchd.core.model import BadReason, Build
 from patchd.state import Lifecycle
+from support.env import Env, b, local_env
+from support.env import R as API_R
 from support.lifecycle_child import check_invariants, make_release, ready
-from test_api import Env, b, local_env
-from test_api import R as API_R
 
 R = "1.0.0"
 B0, B1, B2 = (Build(R, n) for n in range(3))
