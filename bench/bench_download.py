@@ -164,6 +164,22 @@ def child_floor(kind: str, dest: str, size: int) -> None:
     print(json.dumps({"seconds": seconds, "cpu": cpu, "vmhwm_kb": _vmhwm_kb()}))
 
 
+def make_file(path: Path, size: int) -> str:
+    """``size`` random bytes (no 16 MiB block repeats) at ``path``; their SHA-256. Used by
+    bench_tls.py, which serves a plain file rather than a published bundle."""
+    digest = hashlib.sha256()
+    block = os.urandom(16 * MiB)
+    with path.open("wb") as f:
+        left = size
+        while left:
+            piece = block[: min(left, len(block))]
+            f.write(piece)
+            digest.update(piece)
+            left -= len(piece)
+            block = block[1:] + block[:1] if left else block  # avoid a repeating file
+    return digest.hexdigest()
+
+
 def make_tuf_repo(root: Path, bundle: Path) -> None:
     """A python-tuf repository (one key for every role) whose only target is ``bundle``."""
     from securesystemslib.signer import CryptoSigner
