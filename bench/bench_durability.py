@@ -100,9 +100,11 @@ def install_once(work: Path, base: Path, bundle: Path, key: Ed25519PrivateKey,
     state, cache = work / "state", work / "cache"
     with Lifecycle.open(state, cache, base) as lc:
         dest = lc.download_path(B1)
+        sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+        # A download starts from no file (record_download_started deletes any): the
+        # bytes land after it, as the downloader writes them.
+        lc.record_download_started(B1, "file:///bench", sha, bundle.stat().st_size)
         shutil.copyfile(bundle, dest)
-        sha = hashlib.sha256(dest.read_bytes()).hexdigest()
-        lc.record_download_started(B1, "file:///bench", sha, dest.stat().st_size)
         lc.record_download_complete(B1)
         req = InstallRequest(build=B1, bundle=dest, kind="patch", app="bench",
                              arch="x86_64", trust=TrustedKeys.from_raw([public_raw(key)], 1),
