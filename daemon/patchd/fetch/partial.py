@@ -33,6 +33,11 @@ READ_CHUNK = 1024 * 1024
 #: Bytes written between two requests to start writeback (see PartialFile._start_writeback).
 WRITEBACK_STEP = 8 * 1024 * 1024
 
+#: File offsets, lengths and buffer addresses of direct writes are multiples of this:
+#: the largest logical block size a Linux disk has (``O_DIRECT`` wants them aligned to
+#: it; a smaller block size divides it).
+DIRECT_ALIGN = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Validators:
@@ -57,6 +62,9 @@ class PartialFile:
         self._flushed = 0
         self._hash = hashlib.sha256()
         self._fd = -1
+        #: The same file opened with ``O_DIRECT`` (see :meth:`write`); -1 when the file
+        #: system refuses it (tmpfs, some FUSE and network file systems).
+        self._direct = -1
 
     def __repr__(self) -> str:
         return f"PartialFile({str(self.dest)!r}, done={self.done}, size={self.size})"
@@ -83,12 +91,13 @@ class PartialFile:
             if start == 0:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
                 part._fd = os.open(dest, flags, 0o644)
-                return part
-            part._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
-            if have > start:
-                os.ftruncate(part._fd, start)
-            part._hash_prefix(start)
-            part._flushed = part.done
+            else:
+                part._fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+                if have > start:
+                    os.ftruncate(part._fd, start)
+                part._hash_prefix(start)
+                part._flushed = part.done
+        part._direct = _open_direct(dest)
         return part
 
     def _hash_prefix(self, length: int) -> None:
@@ -107,6 +116,13 @@ class PartialFile:
 
         One call per receive buffer (a MiB): the write releases the GIL for the whole
         buffer, and the hash of the previous buffer runs beside it in another thread.
+
+        Whole blocks at a block-aligned offset from a block-aligned buffer (the pump's
+        buffers are page-aligned, and it realigns the stream after a short buffer) go
+        to the disk with ``O_DIRECT``: no copy into the page cache, which cost the
+        daemon a third of its download CPU, and no dirty pages for the final fsync to
+        wait on. The rest (a resume's first bytes, the file's tail) is written through
+        the page cache.
         """
         if self.done + len(data) > self.size:
             raise DownloadOversize(
@@ -116,12 +132,29 @@ class PartialFile:
         with disk_errors(self.dest):
             view = data
             while view:
-                written = os.write(self._fd, view)
+                blocks = len(view) - len(view) % DIRECT_ALIGN
+                if (self._direct >= 0 and blocks and self.done % DIRECT_ALIGN == 0
+                        and _aligned(view)):
+                    written = self._write_direct(view[:blocks])
+                else:
+                    written = os.pwrite(self._fd, view, self.done)
                 view = view[written:]
-            self.done += len(data)
+                self.done += written
             if self.done - self._flushed >= WRITEBACK_STEP:
                 self._start_writeback()
         return self.done
+
+    def _write_direct(self, blocks: memoryview) -> int:
+        """Bytes written with ``O_DIRECT``; 0 after turning it off for this file, when
+        the file system refuses the write (the caller then writes through the cache)."""
+        try:
+            return os.pwrite(self._direct, blocks, self.done)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            os.close(self._direct)
+            self._direct = -1
+            return 0
 
     def hash(self, data: memoryview) -> None:
         """Add written bytes to the running SHA-256 (see :meth:`write`)."""
@@ -162,9 +195,11 @@ class PartialFile:
         return self.hexdigest()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
+        for name in ("_direct", "_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
 
     # --- the meta: where the prefix came from ---
 
@@ -221,6 +256,30 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     # way, which also drops the pages once clean.
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _open_direct(path: Path) -> int:
+    """``path`` opened for direct writes, or -1 where the file system has no
+    ``O_DIRECT`` (or the platform: it is Linux's)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | flag)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return -1
+        raise
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether ``view`` starts at a :data:`DIRECT_ALIGN` boundary in memory (a
+    read-only buffer cannot be asked: it is written through the cache)."""
+    try:
+        address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except (TypeError, ValueError):
+        return False
+    return address % DIRECT_ALIGN == 0
 
 
 @contextlib.contextmanager

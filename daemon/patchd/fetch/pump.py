@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import queue
 import threading
 import time
@@ -45,7 +46,7 @@ import anyio.from_thread
 
 from patchd.core.errors import DownloadOversize, DownloadStalled
 from patchd.fetch.limits import DownloadPolicy, RateLimiter
-from patchd.fetch.partial import PartialFile
+from patchd.fetch.partial import DIRECT_ALIGN, PartialFile
 
 #: ``progress(done, total)``: bytes on disk so far and the manifest's size.
 Progress = Callable[[int, int], None]
@@ -150,8 +151,11 @@ class _Pump:
         self.free: queue.Queue[memoryview] = queue.Queue()
         self.full: queue.Queue[memoryview | None] = queue.Queue()
         self.written: queue.Queue[memoryview | None] = queue.Queue()
+        #: Where the body starts in the file (the writer moves ``part.done`` on).
+        self.start = part.done
         for _ in range(max(policy.buffers, 2)):
-            self.free.put(memoryview(bytearray(policy.buffer_size)))
+            # Page-aligned memory: the writer can hand it to the disk directly.
+            self.free.put(memoryview(mmap.mmap(-1, policy.buffer_size)))
 
     def _fail(self, exc: BaseException, *, drop: bool = False) -> None:
         if self.error is None:
@@ -230,9 +234,15 @@ class _Pump:
                 if buf is None:
                     return
                 fill, first = 0, 0.0
-                while fill < len(buf) and not self.stop.is_set():
+                # A buffer that starts off a block boundary in the file (a resume, a
+                # short buffer before) only fills up to it: the next one starts on it,
+                # and the writer can write it directly (PartialFile.write).
+                end = len(buf)
+                if misaligned := (self.start + self.received) % DIRECT_ALIGN:
+                    end = min(end, DIRECT_ALIGN - misaligned)
+                while fill < end and not self.stop.is_set():
                     # One byte past the room, to see a body longer than the manifest says.
-                    want = min(len(buf) - fill, limit, room - self.received + 1)
+                    want = min(end - fill, limit, room - self.received + 1)
                     n = self.body.readinto(buf[fill:fill + want], TICK)
                     now = time.monotonic()
                     if n is None:
