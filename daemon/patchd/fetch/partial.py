@@ -161,15 +161,17 @@ class PartialFile:
         self._hash.update(data)
 
     def _start_writeback(self) -> None:
-        """Start writing what we wrote to disk now, without waiting for it.
+        """Start writing what we wrote through the page cache to disk now, without
+        waiting for it.
 
-        The final fsync must make the whole file durable; left to the kernel, a large
-        download sits dirty in the page cache and that fsync then writes all of it
-        while nothing else happens. ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` starts
-        asynchronous writeback of the range, so the disk works while the network does;
-        the pages stay cached (clean, so reclaimable at once), and the install that
-        follows reads the bundle from memory. (``POSIX_FADV_DONTNEED``, used before,
-        also drops the pages: measured 0.9 CPU-s/GiB more, 40 % slower.)
+        The final fsync must make the whole file durable; left to the kernel, bytes
+        written through the cache (all of them where the file system has no
+        ``O_DIRECT``) sit dirty and that fsync then writes them while nothing else
+        happens. ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` starts asynchronous
+        writeback of the range, so the disk works while the network does; the pages
+        stay cached (clean, so reclaimable at once). Over a range written directly it
+        finds nothing to do. (``POSIX_FADV_DONTNEED``, used before, also drops the
+        pages: measured 0.9 CPU-s/GiB more, 40 % slower.)
         """
         _start_writeback(self._fd, self._flushed, self.done - self._flushed)
         self._flushed = self.done
