@@ -55,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import argparse  # noqa: E402
+import fcntl  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
@@ -159,7 +160,10 @@ def child_floor(kind: str, dest: str, size: int) -> None:
         try:
             left = size
             while left:
-                left -= os.write(fd, block[:min(left, MiB)])
+                n = min(left, MiB)
+                if direct and n % 4096:  # the tail is not a whole block: as patchd does
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
+                left -= os.write(fd, block[:n])
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -101,10 +101,21 @@ class Daemon:
     def __repr__(self) -> str:
         return f"<Daemon {self.config.app.name} {self.board.current.summary()}>"
 
+    @staticmethod
+    def _transport(config: Config) -> TransportSettings | None:
+        """What the repository's client is built from (certificate files' fingerprints
+        included); None for a local repository."""
+        if not config.server.manifest_url.startswith(("http://", "https://")):
+            return None
+        return TransportSettings.from_config(config.server)
+
     def _open_source(self, config: Config) -> Source:
         url = config.server.manifest_url
-        client = (self.http.get(TransportSettings.from_config(config.server))
-                  if url.startswith(("http://", "https://")) else None)
+        #: The transport the source was opened with: a reload compares the certificate
+        #: files on disk now with it (a renewal keeps their paths, so the config itself
+        #: does not change).
+        self._source_transport = self._transport(config)
+        client = self.http.get(self._source_transport) if self._source_transport else None
         return open_source(url, timeout=config.server.timeout,
                            max_rate=config.install.max_download_rate,
                            min_rate=config.server.min_rate,
@@ -390,7 +401,8 @@ class Daemon:
             self._reload_failed = True
             return
         self._reload_failed = False
-        if new == self.config:
+        renewed = self._transport(new) != self._source_transport
+        if new == self.config and not renewed:
             log.info("config.unchanged", trigger=trigger)
             return
         old, self.config = self.config, new
@@ -398,10 +410,10 @@ class Daemon:
         for name in ("paths", "api"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("config.restart_needed", section=name)
-        if (old.server.manifest_url, old.install.max_download_rate, old.server.min_rate,
-                old.server.document_deadline, TransportSettings.from_config(old.server)) != (
+        if renewed or (old.server.manifest_url, old.install.max_download_rate,
+                       old.server.min_rate, old.server.document_deadline) != (
                 new.server.manifest_url, new.install.max_download_rate, new.server.min_rate,
-                new.server.document_deadline, TransportSettings.from_config(new.server)):
+                new.server.document_deadline):
             await self.runner.cancel(only="update")
             old_source, self.source = self.source, self._open_source(new)
             self.updater.forget_manifest()
@@ -409,7 +421,8 @@ class Daemon:
             await self.http.close_retired()
         self.updater.config = new
         self.events.channel = new.server.channel
-        log.info("config.reloaded", source=new.source, trigger=trigger)
+        log.info("config.reloaded", source=new.source, trigger=trigger,
+                 transport_changed=renewed)
         self.checks.wake()
 
 
