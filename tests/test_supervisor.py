@@ -253,6 +253,27 @@ def test_sigterm_mid_download_then_restart_resumes(env: Env) -> None:
         not bundle_requests[1].range.startswith("bytes=0-"), bundle_requests
 
 
+def test_channel_change_stops_the_old_channels_update(env: Env) -> None:
+    """A reload to another channel stops the update the old channel's manifest started:
+    nothing of the old channel is installed, and the next check asks the new one."""
+    target = env.tree("big", {"lib/blob.bin": os.urandom(1_500_000).hex()})
+    env.publisher.publish(env.publisher.bundle("1.4.0", 1, env.release_dir, target))
+    slow = '[install]\nmax_download_rate = "400KB"\n'
+    d = env.daemon(extra=slow)
+    d.expected_errors.add("check.failed")  # the new channel's check: this repo is stable's
+    d.call("CheckNow")
+    d.wait_status(lambda s: s["activity"]["phase"] == "downloading"
+                  and s["activity"]["done"] > 100_000, "download under way")
+    mark = len(d.notifications)
+    d.write_config(env.manifest_url, [env.publisher.public],
+                   slow + '[server]\nchannel = "beta"\n')
+    d.wait_notify("READY=1", after=d.wait_notify("RELOADING=1", after=mark))
+    d.wait_log("channel 'beta'")  # the check that follows the reload asks for beta
+    status = d.wait_status(lambda s: s["activity"]["phase"] == "idle", "update stopped")
+    assert status["next_boot"] == {"release": "1.4.0", "patch": 0}, status
+    assert all(b["state"] != "installed" for b in status["builds"]), status["builds"]
+
+
 def test_status_line_and_ready_notifications(env: Env) -> None:
     """READY=1 comes with a STATUS= summary; a download updates STATUS= with a percentage."""
     target = env.tree("big", {"lib/blob.bin": os.urandom(600_000).hex()})

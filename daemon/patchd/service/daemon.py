@@ -410,10 +410,13 @@ class Daemon:
         for name in ("paths", "api"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("config.restart_needed", section=name)
-        if renewed or (old.server.manifest_url, old.install.max_download_rate,
-                       old.server.min_rate, old.server.document_deadline) != (
-                new.server.manifest_url, new.install.max_download_rate, new.server.min_rate,
-                new.server.document_deadline):
+        # Another repository, channel, transport or rate: the running update (decided
+        # from the old manifest) stops, and the next check starts from the new one.
+        if renewed or (old.server.manifest_url, old.server.channel,
+                       old.install.max_download_rate, old.server.min_rate,
+                       old.server.document_deadline) != (
+                new.server.manifest_url, new.server.channel, new.install.max_download_rate,
+                new.server.min_rate, new.server.document_deadline):
             await self.runner.cancel(only="update")
             old_source, self.source = self.source, self._open_source(new)
             self.updater.forget_manifest()
