@@ -172,6 +172,30 @@ def test_a_crash_before_the_trash_is_emptied_leaves_nothing_after_start_up(
         check_invariants(again)
 
 
+def test_opened_for_an_owner_start_up_repair_only_queues_what_it_drops(
+        lc: Lifecycle) -> None:
+    """Opened with ``keep_trash`` (the daemon, which owns the trash), start-up repair
+    deletes nothing big before returning, so READY does not wait for it: a crash's trash
+    stays queued and a half-built staging tree is renamed into the trash; the owner's
+    first round deletes both."""
+    lc.trash.set_owner(lambda: None)  # killed before its worker ran
+    ready(lc, B1)
+    fill(lc.tree_path(B1), 200)
+    ready(lc, B2)  # retires B1: one trash directory
+    staging = lc.staging_path(Build(R, 3))  # an install the crash interrupted
+    fill(staging, 300)
+    lc.close()
+    with Lifecycle.open(lc.state_dir, lc.cache_dir, lc.release_dir,
+                        keep_trash=True) as again:
+        assert not staging.exists()
+        assert len(trashed(again)) == 2
+        assert sum(files_under(t) for t in trashed(again)) >= 500
+        assert again.pointers.next_boot == B2
+        assert again.trash.empty() == 2
+        assert trashed(again) == []
+        check_invariants(again)
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     """A host with a local (file://) repository."""

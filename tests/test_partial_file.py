@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import mmap
 import os
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_unaligned_memory_offsets_and_lengths_land_byte_exact(direct_dir: Path) 
     cuts = [0, 100, 100 + DIRECT_ALIGN, 3 * MiB, 3 * MiB + 1, 4 * MiB + 7, 5 * MiB,
             len(DATA)]
     pieces: list[memoryview | bytes] = []
-    for n, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
+    for n, (a, b) in enumerate(itertools.pairwise(cuts)):
         chunk = DATA[a:b]
         if n % 3 == 0:
             pieces.append(chunk)

@@ -64,8 +64,10 @@ class Daemon:
         self.config = config
         self.notifier = Notifier()
         self.board = ActivityBoard()
+        # keep_trash: what start-up repair drops (perhaps a big tree a crash left) is
+        # deleted by the collector after READY, not before.
         self.lifecycle = Lifecycle.open(config.paths.state_dir, config.paths.cache_dir,
-                                        config.app.release_dir)
+                                        config.app.release_dir, keep_trash=True)
         #: Trees dropped by transitions are deleted in its worker thread, off the lock.
         self.trash = TrashCollector(self.lifecycle.trash)
         client = load_client_state(self.lifecycle.layout, config.server.channel)

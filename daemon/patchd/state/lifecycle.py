@@ -69,6 +69,11 @@ AliveCheck = Callable[[int, int | None], bool]
 ValidityCheck = Callable[[Build, Installed, Path], str | None]
 
 
+def _later() -> None:
+    """The trash's owner from ``Lifecycle.open(keep_trash=True)`` until its caller takes
+    it over: nothing to wake yet; the new owner's first round empties the queue."""
+
+
 class Lifecycle(LifecycleView):
     """State of every build and the boot pointers of one app; see the module docstring.
     The transitions are here, the queries are inherited from :class:`LifecycleView`.
@@ -93,15 +98,27 @@ class Lifecycle(LifecycleView):
     # --- opening and closing ---
 
     @classmethod
-    def open(cls, state_dir: Path, cache_dir: Path, release_dir: Path) -> Lifecycle:
+    def open(cls, state_dir: Path, cache_dir: Path, release_dir: Path, *,
+             keep_trash: bool = False) -> Lifecycle:
         """Lock the state directory, load it and repair whatever a crash left behind
-        (see ``recovery.py``)."""
+        (see ``recovery.py``).
+
+        The trees the repair drops are deleted before this returns, unless
+        ``keep_trash``: then they stay queued in :attr:`trash` for the caller, who
+        must take it over (``trash.set_owner``) and empty it.
+        """
         layout = Layout(state_dir, cache_dir)
         lock_fd = recovery.take_lock(layout)
         try:
-            loaded = recovery.load(layout, release_dir)
+            trash = Trash(layout.builds)
+            if keep_trash:
+                trash.set_owner(_later)
+            loaded = recovery.load(layout, release_dir, trash)
             self = cls(layout, release_dir, loaded.os_release, loaded.pointers, lock_fd)
+            self.trash = trash
             recovery.resume(self, loaded)
+            if not keep_trash:
+                trash.empty()
         except BaseException:
             os.close(lock_fd)
             raise

@@ -39,8 +39,9 @@ from patchd.core.model import (
     version_line,
 )
 from patchd.state import store
-from patchd.state.layout import SET_ASIDE_DIR, STATE_FILE, TREE_DIR, Layout
+from patchd.state.layout import SET_ASIDE_DIR, STATE_FILE, TRASH_PREFIX, TREE_DIR, Layout
 from patchd.state.pointers import Pointers, protected_builds
+from patchd.state.trash import Trash
 
 if TYPE_CHECKING:
     from patchd.state.lifecycle import Lifecycle
@@ -115,21 +116,25 @@ class Loaded:
     reset: bool
 
 
-def load(layout: Layout, release_dir: Path) -> Loaded:
+def load(layout: Layout, release_dir: Path, trash: Trash) -> Loaded:
     """Read the OS release and the pointers, start over when the OS installed another
-    release, and sweep what interrupted transitions left. The caller holds the lock."""
+    release, and sweep what interrupted transitions left. The caller holds the lock.
+
+    Trees under ``builds/`` are not deleted here but moved into ``trash`` (one rename
+    each), whose owner deletes them: after a crash mid-install the staging tree may
+    hold thousands of files, and the daemon must not spend that time before READY."""
     os_release = read_release(release_dir)
     _odd_layout(layout)
     loaded = store.read_pointers(layout)
     last_seen = (loaded.os_release or loaded.release) if loaded else None
     if loaded is None or last_seen != os_release:
-        pointers, reset = _release_change(layout, os_release, last_seen), True
+        pointers, reset = _release_change(layout, os_release, last_seen, trash), True
     else:
         pointers, reset = loaded, False
         if pointers.os_release != os_release:
             pointers = replace(pointers, os_release=os_release)
             store.write_pointers(layout, pointers, "open.pointers")
-    _sweep(layout, protected_builds(pointers, os_release))
+    _sweep(layout, protected_builds(pointers, os_release), trash)
     return Loaded(os_release, pointers, reset)
 
 
@@ -160,7 +165,8 @@ def _finish_interrupted_promotion(lc: Lifecycle) -> None:
         lc.promote_to_next_boot(build)
 
 
-def _release_change(layout: Layout, os_release: str, last_seen: str | None) -> Pointers:
+def _release_change(layout: Layout, os_release: str, last_seen: str | None,
+                    trash: Trash) -> Pointers:
     """The OS installed another release (or this is the first start): start over.
 
     Builds of older releases and every cached download go; ``release_dir`` is never
@@ -170,7 +176,7 @@ def _release_change(layout: Layout, os_release: str, last_seen: str | None) -> P
     base = release_key(os_release)
     for entry in store.listdir(layout.builds):
         if not is_valid_release(entry) or release_key(entry) < base:
-            _remove(layout, layout.builds / entry)
+            _remove(layout, layout.builds / entry, trash)
     if last_seen is not None:
         _remove(layout, layout.downloads)
         make_dirs(layout.downloads)
@@ -180,7 +186,7 @@ def _release_change(layout: Layout, os_release: str, last_seen: str | None) -> P
     return pointers
 
 
-def _sweep(layout: Layout, protected: set[Build]) -> None:
+def _sweep(layout: Layout, protected: set[Build], trash: Trash) -> None:
     """Remove what an interrupted transition left: temp files, staging trees, trees
     of builds that are not installed, state-less build directories, orphan
     downloads and anything not named like ours under ``builds/`` and ``downloads/``
@@ -195,16 +201,19 @@ def _sweep(layout: Layout, protected: set[Build]) -> None:
         _remove(layout, current)  # a recompute points it again
     for rel in _listdir(layout, layout.builds):
         rel_dir = layout.release_dir(rel)
+        if rel.startswith(TRASH_PREFIX) and rel_dir.is_dir() and not rel_dir.is_symlink():
+            trash.adopt(rel_dir)
+            continue
         if not is_valid_release(rel) or not rel_dir.is_dir() or rel_dir.is_symlink():
-            _remove(layout, rel_dir)
+            _remove(layout, rel_dir, trash)
             continue
         for patch in _listdir(layout, rel_dir):
             bdir = rel_dir / patch
             if not store.is_patch_name(patch) or not bdir.is_dir() or bdir.is_symlink():
-                _remove(layout, bdir)
+                _remove(layout, bdir, trash)
                 continue
             try:
-                _sweep_build(layout, Build(rel, int(patch)), protected)
+                _sweep_build(layout, Build(rel, int(patch)), protected, trash)
             except OSError as exc:
                 _set_aside(layout, bdir, exc)
         if rel_dir.is_dir() and not _listdir(layout, rel_dir):
@@ -217,7 +226,7 @@ def _sweep(layout: Layout, protected: set[Build]) -> None:
             _remove(layout, layout.downloads / entry)
 
 
-def _sweep_build(layout: Layout, build: Build, protected: set[Build]) -> None:
+def _sweep_build(layout: Layout, build: Build, protected: set[Build], trash: Trash) -> None:
     bdir = layout.build_dir(build)
     state = store.read_state(layout, build)
     keep = {STATE_FILE} if state is not None else set()
@@ -226,7 +235,7 @@ def _sweep_build(layout: Layout, build: Build, protected: set[Build]) -> None:
     for entry in store.listdir(bdir):
         if entry not in keep:
             log.info("lifecycle.leftover_removed", path=str(bdir / entry))
-            _remove(layout, bdir / entry)
+            _remove(layout, bdir / entry, trash)
     if not store.listdir(bdir):
         fsio.remove_tree(bdir)
 
@@ -262,11 +271,15 @@ def _listdir(layout: Layout, path: Path) -> list[str]:
         return []
 
 
-def _remove(layout: Layout, path: Path) -> None:
-    """Remove a leftover; one that resists (a mount point, an immutable file, EIO) is
-    set aside instead, so that no layout of the directories stops the daemon starting."""
+def _remove(layout: Layout, path: Path, trash: Trash | None = None) -> None:
+    """Remove a leftover (a directory under ``builds/``: into ``trash``); one that
+    resists (a mount point, an immutable file, EIO) is set aside instead, so that no
+    layout of the directories stops the daemon starting."""
     try:
-        fsio.remove_tree(path)
+        if trash is not None:
+            trash.move(path)
+        else:
+            fsio.remove_tree(path)
     except OSError as exc:
         _set_aside(layout, path, exc)
 

@@ -15,7 +15,10 @@ fsynced, so durable), and the files are deleted later, by whoever owns the trash
 
 A crash at any instant leaves either the old name, which start-up repair handles as it
 always did, or a ``.trash-`` name, which is not a release name: the start-up sweep
-(``recovery._sweep``) deletes every such entry under ``builds/``.
+(``recovery._sweep``) queues every such entry under ``builds/`` here again, with the
+trees it drops itself. ``Lifecycle.open`` deletes them before it returns, unless the
+caller will own the trash (the daemon, so that it reports READY without waiting for
+the deletions).
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ class Trash:
                     self._owner()
                 except Exception as exc:  # the rename is on disk: the next wake or start-up
                     log.warning("lifecycle.trash_wake_failed", error=str(exc))
+
+    def adopt(self, path: Path) -> None:
+        """Queue a ``.trash-`` directory already on disk (one a crash or a stop left):
+        the start-up sweep finds them, and the owner deletes them with the rest."""
+        with self._mutex:
+            self._queued.append(path)
 
     def take(self) -> list[Path]:
         """Every path queued so far, now the caller's to delete."""
