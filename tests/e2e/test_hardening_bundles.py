@@ -276,6 +276,7 @@ def test_start_up_repair_survives_any_layout_of_the_state_directory(
         status = d.status()
         assert status["next_boot"] == {"release": RELEASE, "patch": 0}
         assert status["builds"] == [], status
+        d.wait_log('"trash.emptied"')  # what repair dropped is deleted after READY
         assert os.listdir(d.state_dir / "builds") == []
         assert os.listdir(d.cache_dir / "downloads") == []
         assert (d.state_dir / "current").is_symlink()

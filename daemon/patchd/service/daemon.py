@@ -27,7 +27,6 @@ from patchd.config import Config, load_config
 from patchd.config.preflight import preflight, raise_errors
 from patchd.core.errors import (
     BundleInvalid,
-    ConfigError,
     PatchdError,
     Refused,
     UsageError,
@@ -44,6 +43,7 @@ from patchd.service.checks import Checker
 from patchd.service.events import EventQueue, send_pending
 from patchd.service.jobs import Job, JobRunner
 from patchd.service.metrics import Metrics, TextfileWriter, render
+from patchd.service.reload import ConfigReloader, Trigger
 from patchd.service.schedule import backoff_delay
 from patchd.service.supervise import supervised
 from patchd.service.trash import TrashCollector
@@ -89,12 +89,8 @@ class Daemon:
                               on_error=self._failed)
         self.textfile = TextfileWriter(lambda: self.config.metrics.textfile, self.metrics_text)
         self._wake_sender = anyio.Event()
-        self._stop_watching = anyio.Event()
-        #: The config file as last read (start or reload): a change the watcher reports
-        #: that a SIGHUP already read, or the reverse, is handled once.
-        self._config_signature = _file_signature(config_path) if config_path else None
-        self._reload_failed = False
-        self._reload_lock = anyio.Lock()
+        self.reloader = (ConfigReloader(config_path, lambda: self.config, self._apply_config,
+                                        self.notifier) if config_path else None)
         #: What keeps the host from working as configured though the daemon runs (an
         #: unusable socket group); shown first in STATUS=, so `systemctl status` says it.
         self.problems: list[str] = []
@@ -268,8 +264,8 @@ class Daemon:
             tg.start_soon(supervised, "event_sender", self._event_sender)
             tg.start_soon(supervised, "watchdog", self._watchdog)
             tg.start_soon(supervised, "metrics", self.textfile.run)
-            if self.config_path is not None:
-                tg.start_soon(supervised, "config_watcher", partial(self._config_watcher, tg))
+            if self.reloader is not None:
+                tg.start_soon(supervised, "config_watcher", partial(self.reloader.watch, tg))
         await self._shutdown()
 
     def status_line(self) -> str:
@@ -302,13 +298,13 @@ class Daemon:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload("signal")
+                    if self.reloader is not None:
+                        await self.reloader.reload("signal")
                     continue
                 log.info("daemon.stopping", signal=signal.Signals(signum).name)
                 self.notifier.stopping()
-                # The file watcher blocks a worker thread; cancellation alone would wait
-                # out its timeout, the stop event ends it within one step.
-                self._stop_watching.set()
+                if self.reloader is not None:
+                    self.reloader.stop.set()
                 tg.cancel_scope.cancel()
                 return
 
@@ -343,66 +339,8 @@ class Daemon:
 
     # --- config reload -------------------------------------------------------------
 
-    async def _config_watcher(self, tg: TaskGroup) -> None:
-        import watchfiles
-
-        assert self.config_path is not None
-        target = self.config_path.resolve()
-
-        def only_config(change: Any, path: str) -> bool:
-            return Path(path) == target
-
-        async def catch_early_edit() -> None:
-            # The watch is set up asynchronously after READY=1; an edit made in that
-            # window would go unseen, so compare the file once the watch surely runs.
-            await anyio.sleep(1)
-            await self.reload("start")
-
-        tg.start_soon(catch_early_edit)
-        async for _changes in watchfiles.awatch(target.parent, watch_filter=only_config,
-                                                debounce=200, step=50, recursive=False,
-                                                stop_event=self._stop_watching):
-            await self.reload("watch")
-
-    async def reload(self, trigger: Literal["signal", "watch", "start"] = "signal") -> None:
-        """Reload the config; an invalid one is logged and the old one kept.
-
-        One change is handled once: editing the file and then ``systemctl reload``
-        (SIGHUP) both trigger, in either order. The watcher skips a file already read
-        (``trigger="start"`` is its silent look just after start); a SIGHUP always
-        reads (files the config names may have changed), but a config equal to the
-        running one changes nothing and a file that failed already is not reported at
-        error level again. Each outcome is logged with its trigger.
-        """
-        if self.config_path is None:
-            return
-        async with self._reload_lock:
-            signature = _file_signature(self.config_path)
-            if trigger != "signal" and signature == self._config_signature:
-                (log.info if trigger == "watch" else log.debug)(
-                    "config.unchanged", trigger=trigger)
-                return
-            self.notifier.reloading()
-            try:
-                await self._reload(self.config_path, signature, trigger)
-            finally:
-                self.notifier.ready()
-
-    async def _reload(self, path: Path, signature: tuple[int, int, int] | None,
-                      trigger: str) -> None:
-        seen_before, self._config_signature = signature == self._config_signature, signature
-        try:
-            new = await anyio.to_thread.run_sync(load_config, path)
-        except ConfigError as exc:
-            if seen_before and self._reload_failed:
-                log.warning("config.still_invalid", error=str(exc), kept=self.config.source,
-                            trigger=trigger)
-            else:
-                log.error("config.reload_failed", error=str(exc), kept=self.config.source,
-                          trigger=trigger)
-            self._reload_failed = True
-            return
-        self._reload_failed = False
+    async def _apply_config(self, new: Config, trigger: Trigger) -> None:
+        """Put a valid new config in effect (the reloader read it)."""
         renewed = self._transport(new) != self._source_transport
         if new == self.config and not renewed:
             log.info("config.unchanged", trigger=trigger)
@@ -459,14 +397,6 @@ def _socket_problems(config: Config) -> list[str]:
     if gid == actual:
         return []
     return [f"socket group {want} unusable, apps get permission denied"]
-
-
-def _file_signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def run_command(args: argparse.Namespace) -> int:

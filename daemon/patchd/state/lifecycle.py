@@ -69,11 +69,6 @@ AliveCheck = Callable[[int, int | None], bool]
 ValidityCheck = Callable[[Build, Installed, Path], str | None]
 
 
-def _later() -> None:
-    """The trash's owner from ``Lifecycle.open(keep_trash=True)`` until its caller takes
-    it over: nothing to wake yet; the new owner's first round empties the queue."""
-
-
 class Lifecycle(LifecycleView):
     """State of every build and the boot pointers of one app; see the module docstring.
     The transitions are here, the queries are inherited from :class:`LifecycleView`.
@@ -83,7 +78,7 @@ class Lifecycle(LifecycleView):
     """
 
     def __init__(self, layout: Layout, release_dir: Path, os_release: str,
-                 pointers: Pointers, lock_fd: int) -> None:
+                 pointers: Pointers, lock_fd: int, trash: Trash) -> None:
         super().__init__(layout, release_dir, os_release, pointers)
         self._lock_fd: int | None = lock_fd
         self.on_event: EventHook | None = None
@@ -93,7 +88,7 @@ class Lifecycle(LifecycleView):
         #: staging tree and ``record_install_complete``.
         self._installing: set[Build] = set()
         #: What transitions drop goes here, to be deleted outside the lock (trash.py).
-        self.trash = Trash(layout.builds)
+        self.trash = trash
 
     # --- opening and closing ---
 
@@ -101,28 +96,11 @@ class Lifecycle(LifecycleView):
     def open(cls, state_dir: Path, cache_dir: Path, release_dir: Path, *,
              keep_trash: bool = False) -> Lifecycle:
         """Lock the state directory, load it and repair whatever a crash left behind
-        (see ``recovery.py``).
-
-        The trees the repair drops are deleted before this returns, unless
-        ``keep_trash``: then they stay queued in :attr:`trash` for the caller, who
-        must take it over (``trash.set_owner``) and empty it.
-        """
-        layout = Layout(state_dir, cache_dir)
-        lock_fd = recovery.take_lock(layout)
-        try:
-            trash = Trash(layout.builds)
-            if keep_trash:
-                trash.set_owner(_later)
-            loaded = recovery.load(layout, release_dir, trash)
-            self = cls(layout, release_dir, loaded.os_release, loaded.pointers, lock_fd)
-            self.trash = trash
-            recovery.resume(self, loaded)
-            if not keep_trash:
-                trash.empty()
-        except BaseException:
-            os.close(lock_fd)
-            raise
-        return self
+        (see ``recovery.py``). The trees the repair drops are deleted before this
+        returns, unless ``keep_trash``: then they stay queued in :attr:`trash` for the
+        caller, who must take it over (``trash.set_owner``) and empty it."""
+        return recovery.open_lifecycle(cls, Layout(state_dir, cache_dir), release_dir,
+                                       keep_trash=keep_trash)
 
     def close(self) -> None:
         """Release the lock; the object must not be used afterwards."""

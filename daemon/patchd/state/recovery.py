@@ -20,6 +20,7 @@ import os
 import secrets
 import stat
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -136,6 +137,30 @@ def load(layout: Layout, release_dir: Path, trash: Trash) -> Loaded:
             store.write_pointers(layout, pointers, "open.pointers")
     _sweep(layout, protected_builds(pointers, os_release), trash)
     return Loaded(os_release, pointers, reset)
+
+
+def open_lifecycle(cls: type[Lifecycle], layout: Layout, release_dir: Path, *,
+                   keep_trash: bool) -> Lifecycle:
+    """``Lifecycle.open``: take the lock, load and repair, build the lifecycle on it."""
+    lock_fd = take_lock(layout)
+    try:
+        trash = Trash(layout.builds, resisted=partial(_set_aside_trash, layout))
+        if keep_trash:
+            trash.set_owner(_later)
+        loaded = load(layout, release_dir, trash)
+        lc = cls(layout, release_dir, loaded.os_release, loaded.pointers, lock_fd, trash)
+        resume(lc, loaded)
+        if not keep_trash:
+            trash.empty()
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    return lc
+
+
+def _later() -> None:
+    """The trash's owner from ``open_lifecycle(keep_trash=True)`` until its caller takes
+    it over: nothing to wake yet; the new owner's first round empties the queue."""
 
 
 def resume(lc: Lifecycle, loaded: Loaded) -> None:
@@ -284,12 +309,19 @@ def _remove(layout: Layout, path: Path, trash: Trash | None = None) -> None:
         _set_aside(layout, path, exc)
 
 
-def _set_aside(layout: Layout, path: Path, why: object) -> None:
+def _set_aside_trash(layout: Layout, path: Path, origin: Path, exc: OSError) -> None:
+    """What the trash could not delete is set aside under the name it had."""
+    _set_aside(layout, path, exc, named=origin)
+
+
+def _set_aside(layout: Layout, path: Path, why: object, named: Path | None = None) -> None:
     """Move ``path`` into ``set-aside/`` of its state or cache directory and log it (a
-    warning: nothing is lost, and the operator may look at it); never raises."""
+    warning: nothing is lost, and the operator may look at it); never raises. The new
+    name is made from ``named`` (default: ``path``), relative to that directory."""
+    named = named or path
     root = layout.cache_dir if path.is_relative_to(layout.cache_dir) and \
         not path.is_relative_to(layout.state_dir) else layout.state_dir
-    rel = str(path.relative_to(root)).replace("/", "_")[:128]
+    rel = str(named.relative_to(root)).replace("/", "_")[:128]
     dest = root / SET_ASIDE_DIR / f"{rel}.{secrets.token_hex(4)}"
     error = why.strerror or str(why) if isinstance(why, OSError) else str(why)
     try:
@@ -300,4 +332,4 @@ def _set_aside(layout: Layout, path: Path, why: object) -> None:
         log.warning("lifecycle.repair_failed", path=str(path), error=error,
                     set_aside_error=exc.strerror or str(exc))
         return
-    log.warning("lifecycle.set_aside", path=str(path), moved_to=str(dest), error=error)
+    log.warning("lifecycle.set_aside", path=str(named), moved_to=str(dest), error=error)

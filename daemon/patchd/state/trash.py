@@ -47,11 +47,18 @@ class Trash:
     takes from another.
     """
 
-    def __init__(self, builds: Path) -> None:
+    def __init__(self, builds: Path,
+                 resisted: Callable[[Path, Path, OSError], None] | None = None) -> None:
         self.builds = builds
         self._mutex = threading.Lock()
         self._queued: list[Path] = []
+        #: Where each queued path came from (for :attr:`_resisted`'s name).
+        self._origins: dict[Path, Path] = {}
         self._owner: Callable[[], None] | None = None
+        #: ``resisted(path, origin, error)``: what to do with a path that cannot be
+        #: deleted (a mount point inside it, an immutable file): start-up repair sets it
+        #: aside under its original name. Without it, it stays for the next start.
+        self._resisted = resisted
 
     def __repr__(self) -> str:
         return f"<Trash {self.builds} queued={len(self._queued)} owned={self.owned}>"
@@ -100,6 +107,7 @@ class Trash:
         log.debug("lifecycle.trashed", path=str(path), trash=dest.name)
         with self._mutex:
             self._queued.append(dest)
+            self._origins[dest] = path
             if self._owner is not None:
                 try:
                     self._owner()
@@ -124,9 +132,14 @@ class Trash:
         Returns how many paths were taken."""
         taken = self.take()
         for path in taken:
+            with self._mutex:
+                origin = self._origins.pop(path, path)
             try:
                 fsio.remove_tree(path)
             except OSError as exc:
-                log.warning("lifecycle.trash_left", path=str(path),
-                            error=exc.strerror or str(exc))
+                if self._resisted is not None:
+                    self._resisted(path, origin, exc)
+                else:
+                    log.warning("lifecycle.trash_left", path=str(path),
+                                error=exc.strerror or str(exc))
         return len(taken)
