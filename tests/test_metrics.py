@@ -118,8 +118,8 @@ def test_metrics_of_a_real_update_boot_crash_and_failure_parse(
     checked = value(samples, "patchd_last_successful_check_timestamp_seconds")
     assert now - 120 < checked <= now
     # The check began (last_check) before it verified the manifest (last_successful),
-    # in the same whole second or the one before.
-    assert checked - 1 <= value(samples, "patchd_last_check_timestamp_seconds") <= checked
+    # seconds at most before it, and timestamps are whole seconds.
+    assert checked - 10 <= value(samples, "patchd_last_check_timestamp_seconds") <= checked
     assert value(samples, "patchd_last_attempt_failed") == 0
     assert value(samples, "patchd_event_queue_depth") == 3  # download, install, boot_success
     assert value(samples, "patchd_event_queue_dropped_total") == 0
