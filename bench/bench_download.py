@@ -452,7 +452,7 @@ def main() -> int:
              ratio=mib_s("patchd") / mib_s("patchd (before)"))
         emit("download.cpu_vs_before", cpu, "CPU-s/GiB", "(figure only)", True,
              baseline=cpu_gib("patchd (before)"), ratio=cpu / cpu_gib("patchd (before)"))
-    emit("download.vs_disk_ceiling", mib_s("patchd"), "MiB/s", "(figure: write+fsync)",
+    emit("download.vs_disk_ceiling", mib_s("patchd"), "MiB/s", "(figure: durable-write ceiling)",
          True, baseline=ceiling, ratio=mib_s("patchd") / ceiling)
     emit("download.sha256_cpu_per_gib", cpu_gib(FLOOR_SHA), "CPU-s/GiB",
          "(figure: the hash alone)", True, baseline=cpu, ratio=cpu_gib(FLOOR_SHA) / cpu)
