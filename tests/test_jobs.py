@@ -145,7 +145,8 @@ async def test_a_job_refuses_another_with_busy_naming_it() -> None:
 
 @pytest.mark.anyio
 async def test_rollback_preempts_an_update_and_checks_join() -> None:
-    """A rollback cancels a running update first; two checks asked together share one run."""
+    """A rollback cancels a running update first. A check asked while one runs waits for
+    it and shares the next run: three asked together make two runs, the first alone."""
     ends: list[str] = []
     runner = JobRunner(ActivityBoard(), on_job_end=lambda: ends.append("end"))
     runs = 0
@@ -162,15 +163,18 @@ async def test_rollback_preempts_an_update_and_checks_join() -> None:
                               Activity("downloading", B1, 0, 10))
         assert runner.board.current.phase == "downloading"
         joined: list[int] = []
+        all_answered = anyio.Event()
 
         async def ask() -> None:
             joined.append(await runner.check(check))
+            if len(joined) == 3:
+                all_answered.set()
 
-        tg.start_soon(ask)
-        tg.start_soon(ask)
-        await anyio.wait_all_tasks_blocked()
-        await anyio.sleep(0.1)
-        assert joined == [1, 1] and runs == 1
+        for _ in range(3):
+            tg.start_soon(ask)
+        with anyio.fail_after(5):
+            await all_answered.wait()
+        assert joined == [1, 2, 2] and runs == 2
         assert await runner.run("rollback", _done, preempt_update=True) == "rolled back"
         assert update.done.is_set() and update.error is None
     assert ends == ["end", "end"]
@@ -178,3 +182,32 @@ async def test_rollback_preempts_an_update_and_checks_join() -> None:
 
 async def _done(job: Job) -> str:
     return "rolled back"
+
+
+@pytest.mark.anyio
+async def test_a_check_asked_after_a_publish_reads_the_new_manifest() -> None:
+    """A check that read the manifest before a publish does not answer a question asked
+    after it: the late asker waits for it and gets a check of its own (the failpoint
+    matrix once saw CheckNow answer ``none`` from the check a reload had started)."""
+    runner = JobRunner(ActivityBoard(), on_job_end=lambda: None)
+    published = 1
+    read = anyio.Event()
+
+    async def check() -> int:
+        seen = published  # the manifest, read first
+        read.set()
+        await anyio.sleep(0.05)  # verify, decide
+        return seen
+
+    answers: list[int] = []
+    async with anyio.create_task_group() as tg:
+        runner.attach(tg)
+
+        async def ask() -> None:
+            answers.append(await runner.check(check))
+
+        tg.start_soon(ask)  # the reload's check
+        await read.wait()
+        published = 2  # the publish, while that check runs
+        assert await runner.check(check) == 2  # CheckNow
+    assert answers == [1]

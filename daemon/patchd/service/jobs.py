@@ -10,7 +10,10 @@ The rules, chosen so that no two writers ever work on the same build:
   while one runs is refused with :class:`~patchd.core.errors.Busy`, naming what runs.
 - A check (read the manifest, forget builds the server rolled back, decide) runs while
   no job or only an update runs: that is how a newer decision supersedes a download.
-  It never overlaps an install or a rollback; checks asked for together share one run.
+  It never overlaps an install or a rollback. A check asked for while another runs
+  waits for it and then shares the next run with whoever else waited: the running one
+  may have read the manifest before the question (a publish in between would be
+  missed), so every answer comes from a check that began after it was asked.
 - A rollback may preempt an update: the update is cancelled (its partial download is
   kept for the next check) so an operator is never told to wait for a download.
 """
@@ -69,8 +72,7 @@ class JobRunner:
         self.job: Job | None = None
         self._on_job_end = on_job_end
         self._tg: TaskGroup | None = None
-        self._check: anyio.Event | None = None
-        self._check_outcome: tuple[object, Exception | None] = (None, None)
+        self._check: _CheckRun | None = None
 
     def __repr__(self) -> str:
         checking = " checking" if self._check is not None else ""
@@ -173,31 +175,40 @@ class JobRunner:
             await self.job.done.wait()
 
     async def check(self, run_check: Callable[[], Awaitable[T]]) -> T:
-        """Run a check, or join the one running; Busy during an install or rollback."""
+        """Run a check, or share one that began after this call (see the module);
+        Busy during an install or rollback."""
         if self._check is not None:
-            running = self._check
-            await running.wait()
-            result, error = self._check_outcome
-            if error is not None:
-                raise error
-            return result  # type: ignore[return-value]
+            await self._check.done.wait()  # too old to answer: it may have read already
+            if self._check is not None:  # another who waited began the next one
+                fresh = self._check
+                await fresh.done.wait()
+                if fresh.error is not None:
+                    raise fresh.error
+                return fresh.result  # type: ignore[return-value]
         if self.job is not None and self.job.kind != "update":
             raise self._busy()
-        self._check = anyio.Event()
+        run = self._check = _CheckRun()
         shown = self.job is None
         if shown:
             self.board.set("checking")
-        outcome: tuple[object, Exception | None] = (None, None)
         try:
             result = await run_check()
-            outcome = (result, None)
+            run.result = result
             return result
         except Exception as exc:
-            outcome = (None, exc)
+            run.error = exc
             raise
         finally:
             if shown and self.board.current.phase == "checking":
                 self.board.idle()
-            self._check_outcome = outcome
-            self._check.set()
+            run.done.set()
             self._check = None
+
+
+@dataclass(eq=False)
+class _CheckRun:
+    """One check, shared by whoever asked while the one before it ran."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: object = None
+    error: Exception | None = None
