@@ -197,10 +197,9 @@ class PartialFile:
         return self.hexdigest()
 
     def close(self) -> None:
-        for name in ("_direct", "_fd"):
-            fd = getattr(self, name)
+        fds, self._direct, self._fd = (self._direct, self._fd), -1, -1
+        for fd in fds:
             if fd >= 0:
-                setattr(self, name, -1)
                 os.close(fd)
 
     # --- the meta: where the prefix came from ---

@@ -71,7 +71,7 @@ STAGING_DIR = ".staging-tree"
 #: A build's tree moved aside by a reinstall while a host may still run it.
 OLD_TREE_PREFIX = TEMP_PREFIX + "old-tree-"
 #: In ``builds/``: what a transition dropped, deleted outside the lifecycle's lock. Not a
-#: release name, so the start-up sweep deletes whatever a crash left of it.
+#: release name: the start-up sweep queues whatever a crash left of it for deletion again.
 TRASH_PREFIX = ".trash-"
 DOWNLOADS_DIR = "downloads"
 #: Where start-up repair moves what it could not remove (a mount point, an unlistable

@@ -51,9 +51,8 @@ class Trash:
                  resisted: Callable[[Path, Path, OSError], None] | None = None) -> None:
         self.builds = builds
         self._mutex = threading.Lock()
-        self._queued: list[Path] = []
-        #: Where each queued path came from (for :attr:`_resisted`'s name).
-        self._origins: dict[Path, Path] = {}
+        #: Each queued path, with where it came from (for :attr:`_resisted`'s name).
+        self._queued: dict[Path, Path] = {}
         self._owner: Callable[[], None] | None = None
         #: ``resisted(path, origin, error)``: what to do with a path that cannot be
         #: deleted (a mount point inside it, an immutable file): start-up repair sets it
@@ -106,8 +105,7 @@ class Trash:
             fsio.fsync_dir(dest.parent)
         log.debug("lifecycle.trashed", path=str(path), trash=dest.name)
         with self._mutex:
-            self._queued.append(dest)
-            self._origins[dest] = path
+            self._queued[dest] = path
             if self._owner is not None:
                 try:
                     self._owner()
@@ -118,22 +116,24 @@ class Trash:
         """Queue a ``.trash-`` directory already on disk (one a crash or a stop left):
         the start-up sweep finds them, and the owner deletes them with the rest."""
         with self._mutex:
-            self._queued.append(path)
+            self._queued[path] = path
 
     def take(self) -> list[Path]:
         """Every path queued so far, now the caller's to delete."""
+        return [path for path, _origin in self._take()]
+
+    def _take(self) -> list[tuple[Path, Path]]:
         with self._mutex:
-            taken, self._queued = self._queued, []
-        return taken
+            taken, self._queued = self._queued, {}
+        return list(taken.items())
 
     def empty(self) -> int:
         """Delete everything queued; blocking, so never under the lifecycle's lock nor on
-        the event loop. A path that resists stays for the start-up sweep (a warning).
+        the event loop. A path that resists goes to ``resisted`` (start-up repair sets
+        it aside); without one it stays for the start-up sweep, with a warning.
         Returns how many paths were taken."""
-        taken = self.take()
-        for path in taken:
-            with self._mutex:
-                origin = self._origins.pop(path, path)
+        taken = self._take()
+        for path, origin in taken:
             try:
                 fsio.remove_tree(path)
             except OSError as exc:
